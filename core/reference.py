@@ -1,0 +1,140 @@
+"""The reference run: the core's optimizers driven tensor by tensor on NumPy.
+
+Every adapter is checked against this: the same hyperparameters, the same
+gradients, and the trajectories must agree (1e-12 in float64). It is also the
+closed-loop problem of ``ALGORITHMS.md``'s golden files, made from a seed:
+
+    g_t = h ⊙ (θ − target) + noise_t
+
+so that any framework can replay a trajectory without sharing data.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .base import adam_direction, adam_init, sgd_direction, sgd_init
+from .ftp import ftp_init, ftp_project
+from .spd import spd_step
+
+#: The optimizers the reference knows, with their hyperparameters (PyTorch names) and defaults.
+DEFAULTS = {
+    "adam_ftp": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, k=1.0),
+    "sgd_ftp": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, k=1.0),
+    "adam_spd": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False),
+}
+ANCHOR_MODES = ("init", "zero", None)
+
+
+class ReferenceOptimizer:
+    """One of ``adam_ftp``, ``sgd_ftp``, ``adam_spd`` over a dict of named NumPy arrays.
+
+    ``anchors`` maps a name to its anchor mode (``"init"``, ``"zero"`` or ``None``);
+    missing names take ``"init"``. :meth:`step` takes the gradients by name and
+    returns the new parameters; a name missing from the gradients is skipped
+    (its state and step count are untouched), as every adapter does.
+    """
+
+    def __init__(self, kind, params, *, anchors=None, **hparams):
+        if kind not in DEFAULTS:
+            raise ValueError(f"unknown optimizer {kind!r}; expected one of {sorted(DEFAULTS)}")
+        unknown = set(hparams) - set(DEFAULTS[kind])
+        if unknown:
+            raise TypeError(f"{kind}: unknown hyperparameters {sorted(unknown)}")
+        self.kind = kind
+        self.hparams = {**DEFAULTS[kind], **hparams}
+        anchors = anchors or {}
+        self.params = {n: np.array(p, copy=True) for n, p in params.items()}
+        self.modes = {n: anchors.get(n, "init") for n in self.params}
+        for name, mode in self.modes.items():
+            if mode not in ANCHOR_MODES:
+                raise ValueError(f"anchor mode of {name!r} must be one of {ANCHOR_MODES}, got {mode!r}")
+        self.anchors = {n: (p.copy() if self.modes[n] == "init" else None) for n, p in self.params.items()}
+        self.steps = {n: 0 for n in self.params}
+        self.base = {n: self._base_init(p) for n, p in self.params.items()}
+        self.ftp = {n: ftp_init(p) for n, p in self.params.items() if kind.endswith("ftp") and self.modes[n]}
+
+    def _base_init(self, p):
+        if self.kind == "sgd_ftp":
+            return sgd_init(p)
+        return adam_init(p, amsgrad=self.hparams["amsgrad"])
+
+    def _direction(self, name, grad, step):
+        h, param = self.hparams, self.params[name]
+        if self.kind == "sgd_ftp":
+            return sgd_direction(
+                grad, param, self.base[name], step, lr=h["lr"], momentum=h["momentum"],
+                dampening=h["dampening"], weight_decay=h["weight_decay"], nesterov=h["nesterov"],
+            )
+        decay = h["weight_decay"] if self.kind == "adam_ftp" else 0.0
+        return adam_direction(
+            grad, self.base[name], step, lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
+            eps=h["eps"], amsgrad=h["amsgrad"], weight_decay=decay, param=param,
+        )
+
+    def step(self, grads):
+        """Apply one step to every parameter that has a gradient; return the parameters."""
+        for name, grad in grads.items():
+            if grad is None:
+                continue
+            param = self.params[name]
+            grad = np.asarray(grad, dtype=param.dtype)
+            self.steps[name] += 1
+            step = self.steps[name]
+            direction, self.base[name] = self._direction(name, grad, step)
+            anchor = self.anchors[name]
+            if not self.modes[name]:
+                self.params[name] = param - direction
+            elif self.kind == "adam_spd":
+                self.params[name] = spd_step(param, direction, anchor, grad, self.hparams["weight_decay"])
+            else:
+                self.params[name], self.ftp[name] = ftp_project(
+                    param, direction, anchor, grad, self.ftp[name], step, k=self.hparams["k"]
+                )
+        return self.params
+
+    def radius(self, name):
+        """The FTP radius ``γ`` of an anchored tensor."""
+        return self.ftp[name].radius
+
+
+@dataclass
+class ClosedLoopProblem:
+    """Named tensors with a noisy quadratic loss: ``g_t = h ⊙ (θ − target) + noise_t``."""
+
+    theta0: dict
+    target: dict
+    curvature: dict
+    noise: dict = field(repr=False)
+
+    def gradient(self, name, theta, step_index):
+        """The gradient of tensor ``name`` at ``theta`` on (0-based) step ``step_index``."""
+        return self.curvature[name] * (theta - self.target[name]) + self.noise[name][step_index]
+
+
+#: The shapes of the golden files: a scalar, a bias, a matrix and a conv kernel.
+DEFAULT_SHAPES = {"conv.weight": (6, 3, 3, 3), "fc.weight": (8, 12), "fc.bias": (8,), "scale": (), "head.weight": (4, 8)}
+
+
+def closed_loop_problem(seed, steps, shapes=None, dtype=np.float64, noise_scale=0.1):
+    """Make a :class:`ClosedLoopProblem` from a seed (float64 by default)."""
+    rng = np.random.default_rng(seed)
+    shapes = DEFAULT_SHAPES if shapes is None else shapes
+    theta0, target, curvature, noise = {}, {}, {}, {}
+    for name, shape in shapes.items():
+        theta0[name] = rng.standard_normal(shape).astype(dtype)
+        target[name] = (theta0[name] + rng.standard_normal(shape)).astype(dtype)
+        curvature[name] = rng.uniform(0.5, 2.0, shape).astype(dtype)
+        noise[name] = (noise_scale * rng.standard_normal((steps, *shape))).astype(dtype)
+    return ClosedLoopProblem(theta0, target, curvature, noise)
+
+
+def run_reference(kind, problem, steps, *, anchors=None, **hparams):
+    """Run the reference optimizer on a closed-loop problem; return the trajectory by name."""
+    opt = ReferenceOptimizer(kind, problem.theta0, anchors=anchors, **hparams)
+    trajectory = {n: [] for n in problem.theta0}
+    for t in range(steps):
+        grads = {n: problem.gradient(n, p, t) for n, p in opt.params.items()}
+        for n, p in opt.step(grads).items():
+            trajectory[n].append(p.copy())
+    return {n: np.stack(v) for n, v in trajectory.items()}

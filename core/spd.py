@@ -1,0 +1,71 @@
+"""SPD: Selective Projection Decay (Tian et al., NeurIPS 2024; ALGORITHMS.md §5).
+
+Decay toward the anchor, applied only to tensors whose gradient pushes them
+away from it, with a strength that follows how far this step moved them away.
+"""
+
+from typing import Any, NamedTuple
+
+from ._namespace import namespace
+from .norms import l2_norm
+
+
+class SPDStatistics(NamedTuple):
+    r"""The two scalars SPD needs from before the base step.
+
+    ``alignment`` is :math:`\langle g, \theta - \theta_0 \rangle` (the condition is
+    ``c = −alignment``); ``distance`` is :math:`\|\theta - \theta_0\|_2`.
+    """
+
+    alignment: Any
+    distance: Any
+
+
+def spd_statistics(param, anchor, grad, *, xp=None):
+    r"""Measure :math:`\langle g, \theta - \theta_0\rangle` and :math:`\|\theta - \theta_0\|_2`
+    before the base step moves ``θ`` (ALGORITHMS.md §6). ``anchor=None`` is a zero anchor."""
+    xp = namespace(xp, param, anchor, grad)
+    displacement = param if anchor is None else param - anchor
+    return SPDStatistics(xp.sum(grad * displacement), l2_norm(displacement, xp=xp))
+
+
+def decay_ratio(new_distance, distance, *, xp=None):
+    r"""How much of this step moved the tensor away from the anchor.
+
+    .. math:: r = \operatorname{clip}\big((a - b) / a, 0, 1\big), \qquad r = 0 \text{ when } a = 0
+
+    with ``a = ‖θ̃ − θ₀‖₂`` (after the base step) and ``b = ‖θ − θ₀‖₂`` (before it).
+    The ``a = 0`` rule (undefined in the authors' code) makes 0/0 give 0.
+    """
+    xp = namespace(xp, new_distance, distance)
+    moved = new_distance > 0
+    safe = xp.where(moved, new_distance, xp.ones_like(new_distance))
+    ratio = xp.clip((new_distance - distance) / safe, 0.0, 1.0)
+    return xp.where(moved, ratio, xp.zeros_like(ratio))
+
+
+def spd_decay(new_param, anchor, statistics, weight_decay, *, xp=None):
+    r"""Apply selective projection decay after a base step (ALGORITHMS.md §5).
+
+    .. math::
+        c = -\langle g, \theta - \theta_0 \rangle; \quad
+        \theta \leftarrow \tilde\theta - \lambda\, r\, (\tilde\theta - \theta_0) \text{ if } c < 0,
+        \text{ else } \tilde\theta
+
+    ``new_param`` is ``θ̃``, ``statistics`` comes from :func:`spd_statistics` on
+    ``θ`` before the step, ``r`` is :func:`decay_ratio`. ``λ`` (``weight_decay``) is
+    not multiplied by the learning rate. ``anchor=None`` is a zero anchor.
+    """
+    xp = namespace(xp, new_param, anchor, weight_decay)
+    displacement = new_param if anchor is None else new_param - anchor
+    ratio = decay_ratio(l2_norm(displacement, xp=xp), statistics.distance, xp=xp)
+    condition = -statistics.alignment
+    ratio = xp.where(condition < 0, ratio, xp.zeros_like(ratio))
+    return xp.astype(new_param - (weight_decay * ratio) * displacement, new_param.dtype)
+
+
+def spd_step(param, direction, anchor, grad, weight_decay, *, xp=None):
+    """SPD's fused step for one anchored tensor: ``θ̃ = θ − d``, then :func:`spd_decay`."""
+    xp = namespace(xp, param, direction, anchor, grad, weight_decay)
+    statistics = spd_statistics(param, anchor, grad, xp=xp)
+    return spd_decay(param - direction, anchor, statistics, weight_decay, xp=xp)

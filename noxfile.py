@@ -1,0 +1,86 @@
+"""tether's sessions: ``nox -l`` lists them, ``nox`` runs them all.
+
+Every session installs the package (not editable: the tests run against what a
+user installs) with ``constraints.txt``, which pins the CPU build of torch.
+"""
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+GOLDEN_CHECK = ROOT.parent / "shared" / "tools" / "golden_check.py"
+KERAS_BACKENDS = ("tensorflow", "jax", "torch")
+
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = False
+
+
+def install(session, *extras):
+    spec = f".[{','.join(('test', *extras))}]"
+    session.install(spec, *CONSTRAINTS)
+
+
+def golden(session, backend, env=None):
+    """Replay the authors' golden trajectories when ../shared is beside the checkout."""
+    if GOLDEN_CHECK.exists():
+        session.run("python", str(GOLDEN_CHECK), backend, env=env)
+    else:
+        session.log(f"{GOLDEN_CHECK} not found: golden replay skipped")
+
+
+@nox.session(name="tests-core")
+def tests_core(session):
+    """The core on NumPy, array_api_strict, jax.numpy under jit and torch under torch.compile."""
+    install(session, "torch", "jax")
+    session.run("pytest", "tests/core", *session.posargs)
+
+
+@nox.session
+def lint(session):
+    """ruff check and ruff format --check."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def docs(session):
+    """Build the documentation with mkdocs --strict."""
+    install(session, "docs")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp()) / "site"))
+
+
+@nox.session(name="tests-torch")
+def tests_torch(session):
+    """The PyTorch adapter, then the golden replay."""
+    install(session, "torch")
+    session.run("pytest", "tests/torch", *session.posargs)
+    golden(session, "torch")
+
+
+@nox.session(name="tests-jax")
+def tests_jax(session):
+    """The optax adapter (with 4 host CPU devices for the sharding test), then the golden replay."""
+    install(session, "jax", "torch")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    session.run("pytest", "tests/jax", *session.posargs, env=env)
+    golden(session, "jax")
+
+
+def _keras_session(backend):
+    extras = {"tensorflow": ("keras", "tensorflow"), "jax": ("keras", "jax"), "torch": ("keras", "torch")}
+
+    def session_fn(session):
+        install(session, *extras[backend])
+        env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        session.run("pytest", "tests/keras", *session.posargs, env=env)
+        golden(session, "keras", env=env)
+
+    session_fn.__doc__ = f"The Keras adapter on the {backend} backend (one process per backend), then the golden replay."
+    return nox.session(name=f"tests-keras-{backend}")(session_fn)
+
+
+for _backend in KERAS_BACKENDS:
+    globals()[f"tests_keras_{_backend}"] = _keras_session(_backend)
