@@ -18,4 +18,4 @@ def as_dtype(value, dtype, xp):
     """``value`` (a Python number or an array) as an array of ``dtype``."""
     if isinstance(value, (bool, int, float)):
         return xp.asarray(value, dtype=dtype)
-    return xp.astype(value, dtype)
+    return xp.astype(value, dtype, copy=False)

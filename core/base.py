@@ -90,11 +90,11 @@ def adam_direction(
     step_size = lr / (1 - beta1**t)
     bias_correction2_sqrt = xp.sqrt(1 - beta2**t)
     denom = xp.sqrt(second) / bias_correction2_sqrt + eps
-    direction = xp.astype(step_size * (exp_avg / denom), grad.dtype)
+    direction = xp.astype(step_size * (exp_avg / denom), grad.dtype, copy=False)
     if _nonzero(weight_decay):
         if param is None:
             raise ValueError("adam_direction: weight_decay needs `param` (the decoupled term lr·wd·θ)")
-        direction = direction + xp.astype(lr * weight_decay * param, grad.dtype)
+        direction = direction + xp.astype(lr * weight_decay * param, grad.dtype, copy=False)
     return direction, AdamState(exp_avg, exp_avg_sq, max_exp_avg_sq)
 
 
@@ -137,7 +137,7 @@ def sgd_direction(
             moved = xp.where(off, u, moved)
             buffer = xp.where(off, state.momentum_buffer, buffer)
         u = moved
-    return xp.astype(lr * u, grad.dtype), SGDState(buffer)
+    return xp.astype(lr * u, grad.dtype, copy=False), SGDState(buffer)
 
 
 def _nonzero(value):

@@ -87,13 +87,13 @@ def radius_update(state, radius_grad, max_norm, step, *, xp=None):
     xp = namespace(xp, state.radius, radius_grad, max_norm, step)
     dtype = state.radius.dtype
     t = as_dtype(step, dtype, xp)
-    g = xp.astype(radius_grad, dtype)
+    g = xp.astype(radius_grad, dtype, copy=False)
     m = RADIUS_BETA1 * state.radius_exp_avg + (1 - RADIUS_BETA1) * g
     v = RADIUS_BETA2 * state.radius_exp_avg_sq + (1 - RADIUS_BETA2) * (g * g)
     step_size = RADIUS_LR / (1 - RADIUS_BETA1**t)
     denom = xp.sqrt(v) / xp.sqrt(1 - RADIUS_BETA2**t) + RADIUS_EPS
     radius = state.radius - step_size * (m / denom)
-    radius = xp.clip(radius, RADIUS_FLOOR, xp.astype(max_norm, dtype))
+    radius = xp.clip(radius, RADIUS_FLOOR, xp.astype(max_norm, dtype, copy=False))
     first = t == 1
     zero = xp.zeros_like(m)
     return (
@@ -122,9 +122,9 @@ def ftp_project(param, direction, anchor, grad, state, step, *, k=1.0, xp=None):
     norm = mars_norm(displacement, xp=xp) + NORM_EPS
     radius_grad = radius_gradient(grad, state.prev_displacement, state.prev_inv_norm, k=k, xp=xp)
     radius, radius_exp_avg, radius_exp_avg_sq = radius_update(state, radius_grad, xp.max(norm), step, xp=xp)
-    scale = xp.clip(xp.astype(radius, norm.dtype) / norm, 0.0, 1.0)
+    scale = xp.clip(xp.astype(radius, norm.dtype, copy=False) / norm, 0.0, 1.0)
     projected = scale * displacement
     if anchor is not None:
         projected = anchor + projected
     new_state = FTPState(radius, radius_exp_avg, radius_exp_avg_sq, displacement, 1 / norm)
-    return xp.astype(projected, param.dtype), new_state
+    return xp.astype(projected, param.dtype, copy=False), new_state

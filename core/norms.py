@@ -50,4 +50,4 @@ def project(displacement, radius, norm=None, *, xp=None):
     if norm is None:
         norm = mars_norm(displacement, xp=xp)
     scale = xp.clip(radius / norm, 0.0, 1.0)
-    return xp.astype(scale * displacement, displacement.dtype)
+    return xp.astype(scale * displacement, displacement.dtype, copy=False)

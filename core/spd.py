@@ -61,7 +61,7 @@ def spd_decay(new_param, anchor, statistics, weight_decay, *, xp=None):
     ratio = decay_ratio(l2_norm(displacement, xp=xp), statistics.distance, xp=xp)
     condition = -statistics.alignment
     ratio = xp.where(condition < 0, ratio, xp.zeros_like(ratio))
-    return xp.astype(new_param - (weight_decay * ratio) * displacement, new_param.dtype)
+    return xp.astype(new_param - (weight_decay * ratio) * displacement, new_param.dtype, copy=False)
 
 
 def spd_step(param, direction, anchor, grad, weight_decay, *, xp=None):
