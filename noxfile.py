@@ -15,6 +15,8 @@ KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = False
+# The sessions that `nox` runs by default (the README's test command and CI).
+nox.options.sessions = ["tests-core", "lint", "docs"]
 
 
 def install(session, *extras):
@@ -78,7 +80,9 @@ def _keras_session(backend):
         session.run("pytest", "tests/keras", *session.posargs, env=env)
         golden(session, "keras", env=env)
 
-    session_fn.__doc__ = f"The Keras adapter on the {backend} backend (one process per backend), then the golden replay."
+    session_fn.__doc__ = (
+        f"The Keras adapter on the {backend} backend (one process per backend), then the golden replay."
+    )
     return nox.session(name=f"tests-keras-{backend}")(session_fn)
 
 

@@ -1,7 +1,7 @@
 """tether: robust fine-tuning optimizers that keep fine-tuned weights tethered to their anchor.
 
-- :mod:`tether.core`: the math (FTP, SPD, projections), backend-neutral;
-- :mod:`tether.adapters.torch`, :mod:`tether.adapters.jax`, :mod:`tether.adapters.keras`:
+- `tether.core`: the math (FTP, SPD, projections), backend-neutral;
+- `tether.adapters.torch`, `tether.adapters.jax`, `tether.adapters.keras`:
   the optimizers for each framework.
 """
 

@@ -1,4 +1,4 @@
-"""``tether`` on the command line (``python -m tether``)."""
+"""`tether` on the command line (`python -m tether`)."""
 
 import argparse
 import sys

@@ -1,33 +1,33 @@
 """tether.core: the math of projection-based robust fine-tuning, once, for every backend.
 
 Small pure functions on arrays of any Python Array API namespace (NumPy, PyTorch,
-JAX, ``array_api_strict``, or the namespace the Keras adapter builds on
-``keras.ops``), implementing ``ALGORITHMS.md`` §1–§6:
+JAX, `array_api_strict`, or the namespace the Keras adapter builds on
+`keras.ops`), implementing `ALGORITHMS.md` §1–§6:
 
-- norms and projection (:mod:`tether.core.norms`): :func:`l2_norm`,
-  :func:`mars_norm`, :func:`rowdot`, :func:`project`;
-- base directions (:mod:`tether.core.base`): :func:`adam_direction`,
-  :func:`sgd_direction`, with :class:`AdamState`, :class:`SGDState`;
-- FTP (:mod:`tether.core.ftp`): :func:`radius_gradient`, :func:`radius_update`,
-  :func:`ftp_project`, with :class:`FTPState`;
-- SPD (:mod:`tether.core.spd`): :func:`spd_statistics`, :func:`decay_ratio`,
-  :func:`spd_decay`, :func:`spd_step`.
+- norms and projection (`tether.core.norms`): `l2_norm`,
+  `mars_norm`, `rowdot`, `project`;
+- base directions (`tether.core.base`): `adam_direction`,
+  `sgd_direction`, with `AdamState`, `SGDState`;
+- FTP (`tether.core.ftp`): `radius_gradient`, `radius_update`,
+  `ftp_project`, with `FTPState`;
+- SPD (`tether.core.spd`): `spd_statistics`, `decay_ratio`,
+  `spd_decay`, `spd_step`.
 
 Every function takes arrays and returns new arrays: no state of its own, no
 in-place update, no Python branch on an array's value and no host read, so each
-traces under ``jax.jit``, ``tf.function`` and ``torch.compile(fullgraph=True)``.
-The namespace is ``array_api_compat.array_namespace`` of the inputs, or the
-``xp=`` keyword when a caller supplies its own.
+traces under `jax.jit`, `tf.function` and `torch.compile(fullgraph=True)`.
+The namespace is `array_api_compat.array_namespace` of the inputs, or the
+`xp=` keyword when a caller supplies its own.
 
 The subset of the Array API standard the core uses (a namespace passed as
-``xp`` must supply each of these):
+`xp` must supply each of these):
 
-- functions: ``abs``, ``asarray``, ``astype``, ``clip``, ``full_like``, ``max``,
-  ``maximum``, ``ones_like``, ``result_type``, ``sqrt``, ``sum`` (with ``axis``
-  and ``keepdims``), ``where``, ``zeros``, ``zeros_like``;
-- the dtype ``float32``;
-- on arrays: ``.dtype``, ``.ndim``, and the operators ``+ - * / **``,
-  ``== >`` and ``<``, also against Python numbers.
+- functions: `abs`, `asarray`, `astype`, `clip`, `full_like`, `max`,
+  `maximum`, `ones_like`, `result_type`, `sqrt`, `sum` (with `axis`
+  and `keepdims`), `where`, `zeros`, `zeros_like`;
+- the dtype `float32`;
+- on arrays: `.dtype`, `.ndim`, and the operators `+ - * / **`,
+  `== >` and `<`, also against Python numbers.
 """
 
 from .base import AdamState, SGDState, adam_direction, adam_init, sgd_direction, sgd_init

@@ -1,12 +1,12 @@
 """The base steps that FTP and SPD wrap: Adam and SGD directions (ALGORITHMS.md §3).
 
-A base step returns the **direction** ``d``: the unconstrained update is
-``θ̃ = θ − d``. Both follow PyTorch's forms (``torch.optim.Adam``/``SGD``) to the
-placement of ``ε`` and the first momentum step, so that every backend reproduces
+A base step returns the **direction** `d`: the unconstrained update is
+`θ̃ = θ − d`. Both follow PyTorch's forms (`torch.optim.Adam`/`SGD`) to the
+placement of `ε` and the first momentum step, so that every backend reproduces
 the authors' PyTorch trajectories.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from ._namespace import as_dtype, namespace
 
@@ -14,22 +14,22 @@ from ._namespace import as_dtype, namespace
 class AdamState(NamedTuple):
     """Adam's moments for one tensor, in the tensor's dtype.
 
-    ``max_exp_avg_sq`` is ``None`` unless amsgrad is on.
+    `max_exp_avg_sq` is `None` unless amsgrad is on.
     """
 
     exp_avg: Any
     exp_avg_sq: Any
-    max_exp_avg_sq: Optional[Any] = None
+    max_exp_avg_sq: Any | None = None
 
 
 class SGDState(NamedTuple):
-    """SGD's momentum buffer ``b`` for one tensor (unused when ``momentum == 0``)."""
+    """SGD's momentum buffer `b` for one tensor (unused when `momentum == 0`)."""
 
     momentum_buffer: Any
 
 
 def adam_init(param, *, amsgrad=False, xp=None):
-    """Zero moments shaped like ``param``."""
+    """Zero moments shaped like `param`."""
     xp = namespace(xp, param)
     return AdamState(
         exp_avg=xp.zeros_like(param),
@@ -39,7 +39,7 @@ def adam_init(param, *, amsgrad=False, xp=None):
 
 
 def sgd_init(param, *, xp=None):
-    """A zero momentum buffer shaped like ``param``."""
+    """A zero momentum buffer shaped like `param`."""
     xp = namespace(xp, param)
     return SGDState(momentum_buffer=xp.zeros_like(param))
 
@@ -63,19 +63,21 @@ def adam_direction(
     param=None,
     xp=None,
 ):
-    r"""Adam's direction ``d`` and the new :class:`AdamState` (ALGORITHMS.md §3).
+    """Adam's direction `d` and the new `AdamState` (ALGORITHMS.md §3, PyTorch's form).
 
-    .. math::
-        m &\leftarrow \beta_1 m + (1 - \beta_1) g \qquad
-        v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \qquad
-        v^* = \max(v^*, v) \text{ (amsgrad) else } v \\
-        d &= \frac{lr}{1 - \beta_1^t} \cdot \frac{m}{\sqrt{v^*} / \sqrt{1 - \beta_2^t} + \epsilon}
-            \; [+\, lr \cdot wd \cdot \theta]
+        m  ← β₁ m + (1 − β₁) g
+        v  ← β₂ v + (1 − β₂) g²
+        v* = max(v*, v) if amsgrad else v
+        d  = (lr / (1 − β₁ᵗ)) · m / (√v* / √(1 − β₂ᵗ) + ε)  [+ lr · wd · θ]
 
-    ``step`` is ``t``, this tensor's step count including the current step (``t = 1``
-    first). The bracketed decoupled-decay term is added when ``weight_decay`` is
-    nonzero and needs ``param``; Adam-FTP uses it (so the decay is projected too),
-    Adam-SPD passes ``weight_decay=0``. ``lr`` may be a number or a 0-d array.
+    `step` is `t`, this tensor's step count including the current step (`t = 1`
+    first). The bracketed decoupled-decay term is added when `weight_decay` is
+    nonzero and needs `param`: Adam-FTP uses it (so the decay is projected too),
+    Adam-SPD passes `weight_decay=0`. `lr` and the betas may be numbers or 0-d
+    arrays (schedules, `inject_hyperparams`).
+
+    Returns:
+        `(direction, AdamState)`, the direction in the gradient's dtype.
     """
     xp = namespace(xp, grad, state.exp_avg, step, lr)
     dtype = _compute_dtype(grad.dtype, xp)
@@ -111,16 +113,20 @@ def sgd_direction(
     nesterov=False,
     xp=None,
 ):
-    r"""SGD's direction ``d`` and the new :class:`SGDState` (ALGORITHMS.md §3, PyTorch's form).
+    """SGD's direction `d` and the new `SGDState` (ALGORITHMS.md §3, PyTorch's form).
 
-    .. math::
-        u &= g + wd \cdot \theta \\
-        b &= u \text{ on the first step, else } \mu b + (1 - \tau) u \qquad
-        u = u + \mu b \text{ (nesterov) else } b \qquad (\text{when } \mu \ne 0) \\
-        d &= lr \cdot u
+        u = g + wd · θ
+        if momentum ≠ 0:
+            b = u                                  on the tensor's first step
+            b ← momentum · b + (1 − dampening) · u  afterwards
+            u = u + momentum · b if nesterov else b
+        d = lr · u
 
-    The first-step rule is a ``where`` on ``step``, not a Python branch, so the
-    function traces. With ``momentum == 0`` the buffer is returned untouched.
+    The first-step rule is a `where` on `step`, not a Python branch, so the
+    function traces. With `momentum == 0` the buffer is returned untouched.
+
+    Returns:
+        `(direction, SGDState)`, the direction in the gradient's dtype.
     """
     xp = namespace(xp, grad, param, step, lr)
     u = grad

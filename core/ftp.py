@@ -1,7 +1,7 @@
 """FTP: Fast Trainable Projection (Tian et al., NeurIPS 2023; ALGORITHMS.md §4).
 
-One learned radius ``γ`` per anchored tensor, trained online by a tiny Adam of
-its own ("AdamUtil") on the gradient of the loss with respect to ``γ``; after
+One learned radius `γ` per anchored tensor, trained online by a tiny Adam of
+its own ("AdamUtil") on the gradient of the loss with respect to `γ`; after
 every base step the displacement from the anchor is projected onto the MARS ball
 of that radius.
 """
@@ -24,9 +24,9 @@ NORM_EPS = 1e-8
 class FTPState(NamedTuple):
     """What FTP carries per anchored tensor.
 
-    ``radius``, ``radius_exp_avg``, ``radius_exp_avg_sq``: 0-d, at least float32.
-    ``prev_displacement``: ``c`` of the previous step (shape and dtype of ``θ``).
-    ``prev_inv_norm``: ``1 / n`` of the previous step (MARS-shaped, dtype of ``θ``).
+    `radius`, `radius_exp_avg`, `radius_exp_avg_sq`: 0-d, at least float32.
+    `prev_displacement`: `c` of the previous step (shape and dtype of `θ`).
+    `prev_inv_norm`: `1 / n` of the previous step (MARS-shaped, dtype of `θ`).
     """
 
     radius: Any
@@ -37,12 +37,12 @@ class FTPState(NamedTuple):
 
 
 def radius_dtype(dtype, *, xp):
-    """The dtype of the scalar radius state for a tensor of ``dtype``: at least float32."""
+    """The dtype of the scalar radius state for a tensor of `dtype`: at least float32."""
     return xp.result_type(dtype, xp.float32)
 
 
 def ftp_init(param, *, xp=None):
-    """FTP's initial state for ``param`` (all zeros; the first step sets ``γ = 1e-8``)."""
+    """FTP's initial state for `param` (all zeros; the first step sets `γ = 1e-8`)."""
     xp = namespace(xp, param)
     scalar = radius_dtype(param.dtype, xp=xp)
     zero = xp.zeros((), dtype=scalar)
@@ -56,14 +56,13 @@ def ftp_init(param, *, xp=None):
 
 
 def radius_gradient(grad, prev_displacement, prev_inv_norm, *, k=1.0, xp=None):
-    r"""The gradient of the loss with respect to ``γ``, a scalar (ALGORITHMS.md §4).
+    """The gradient of the loss with respect to `γ`, a scalar (ALGORITHMS.md §4).
 
-    .. math:: \nabla\gamma = \sum \operatorname{rowdot}(g, c_{prev}) \odot s_{prev},
-              \qquad \nabla\gamma \leftarrow k\,\nabla\gamma \text{ if } \nabla\gamma > 0
+        ∇γ = Σ rowdot(g, c_prev) ⊙ s_prev;   ∇γ ← k · ∇γ if ∇γ > 0
 
-    ``g`` is this step's raw gradient, ``c_prev`` and ``s_prev = 1 / n_prev`` the
-    previous step's displacement and inverse norm. ``k ∈ [0, 1]`` damps the positive
-    gradients only, those that would shrink the radius.
+    `g` is this step's raw gradient, `c_prev` and `s_prev = 1 / n_prev` the
+    previous step's displacement and inverse norm. `k ∈ [0, 1]` damps only the
+    positive gradients, those that would shrink the radius.
     """
     xp = namespace(xp, grad, prev_displacement, prev_inv_norm)
     g = xp.sum(rowdot(grad, prev_displacement, xp=xp) * prev_inv_norm)
@@ -71,18 +70,20 @@ def radius_gradient(grad, prev_displacement, prev_inv_norm, *, k=1.0, xp=None):
 
 
 def radius_update(state, radius_grad, max_norm, step, *, xp=None):
-    r"""One step of the radius's own Adam, then the clip (ALGORITHMS.md §4).
+    """One step of the radius's own Adam ("AdamUtil"), then the clip (ALGORITHMS.md §4).
 
-    .. math::
-        m_\gamma &\leftarrow 0.9\, m_\gamma + 0.1\, \nabla\gamma \qquad
-        v_\gamma \leftarrow 0.999\, v_\gamma + 0.001\, \nabla\gamma^2 \\
-        \gamma &\leftarrow \operatorname{clip}\Big(\gamma - \mu \frac{m_\gamma / (1 - 0.9^t)}
-              {\sqrt{v_\gamma / (1 - 0.999^t)} + 10^{-8}},\; 10^{-8},\; \max n\Big)
+        m_γ ← 0.9 m_γ + 0.1 ∇γ
+        v_γ ← 0.999 v_γ + 0.001 ∇γ²
+        γ   ← γ − μ · (m_γ / (1 − 0.9ᵗ)) / (√(v_γ / (1 − 0.999ᵗ)) + 1e-8)
+        γ   ← clip(γ, 1e-8, max n)
 
-    with ``μ = 1e-2`` and ``t`` the tensor's own step count, so the first update
-    (``t = 2``) already divides by ``1 − 0.9²``. On the first step (``t == 1``) there
-    is no update: ``γ = 1e-8`` and ``m_γ = v_γ = 0``. Returns
-    ``(radius, radius_exp_avg, radius_exp_avg_sq)``.
+    with `μ = 1e-2` and `t` the tensor's own step count, so the first update
+    (`t = 2`) already divides by `1 − 0.9²`. On the first step (`t == 1`) there is
+    no update: `γ = 1e-8` and `m_γ = v_γ = 0`. The arithmetic is in the radius
+    state's dtype (at least float32). `max_norm` is `max n` of this step.
+
+    Returns:
+        `(radius, radius_exp_avg, radius_exp_avg_sq)`.
     """
     xp = namespace(xp, state.radius, radius_grad, max_norm, step)
     dtype = state.radius.dtype
@@ -104,16 +105,20 @@ def radius_update(state, radius_grad, max_norm, step, *, xp=None):
 
 
 def ftp_project(param, direction, anchor, grad, state, step, *, k=1.0, xp=None):
-    r"""FTP's step for one anchored tensor, given the base direction ``d`` (ALGORITHMS.md §4, §6).
+    """FTP's step for one anchored tensor, given the base direction `d` (ALGORITHMS.md §4, §6).
 
-    .. math::
-        c &= (\theta - d) - \theta_0 \qquad n = \operatorname{MARS}(c) + 10^{-8} \\
-        \gamma &\leftarrow \text{radius\_update}(\nabla\gamma(g, c_{prev}, s_{prev}), \max n, t) \\
-        \theta &\leftarrow \theta_0 + \operatorname{clip}(\gamma / n, 0, 1) \odot c
-        \qquad c_{prev} \leftarrow c,\; s_{prev} \leftarrow 1 / n
+        c = (θ − d) − θ₀                   the unconstrained displacement
+        n = MARS(c) + 1e-8
+        γ ← radius_update(∇γ(g, c_prev, s_prev), max n, t)
+        θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c
+        c_prev ← c;  s_prev ← 1 / n
 
-    ``anchor`` is ``θ₀``, or ``None`` for a zero anchor (PEFT/LoRA). To wrap any
-    base optimizer, pass ``direction = θ − θ̃``. Returns ``(new_param, new_state)``.
+    `anchor` is `θ₀`, or `None` for a zero anchor (PEFT/LoRA). To wrap any base
+    optimizer, pass `direction = θ − θ̃`. `k` damps the positive radius gradients
+    (see `radius_gradient`).
+
+    Returns:
+        `(new_param, FTPState)`, the parameter in its own dtype.
     """
     xp = namespace(xp, param, direction, anchor, grad, step)
     displacement = param - direction

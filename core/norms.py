@@ -4,7 +4,7 @@ from ._namespace import namespace
 
 
 def l2_norm(x, *, xp=None):
-    r"""Frobenius norm of the whole tensor, :math:`\|x\|_2 = \sqrt{\sum x^2}`, a 0-d array."""
+    """Frobenius norm of the whole tensor, `‖x‖₂ = √(Σ x²)`, a 0-d array."""
     xp = namespace(xp, x)
     return xp.sqrt(xp.sum(x * x))
 
@@ -19,35 +19,38 @@ def _row_sum(x, xp):
 
 
 def mars_norm(x, *, xp=None):
-    r"""Maximum-absolute-row-sum norm, per row (FTP, ALGORITHMS.md §1).
+    """Maximum-absolute-row-sum norm, per row (FTP, ALGORITHMS.md §1).
 
-    - ``ndim >= 2``: :math:`n(x)_i = \sum_{j,\dots} |x_{ij\dots}|`, shape ``(d0, 1, ..., 1)``,
-      so that it broadcasts against ``x``;
-    - ``ndim == 1``: the L1 norm of the whole vector, shape ``(1,)`` (a bias is one row);
-    - ``ndim == 0``: :math:`|x|`.
+    - `ndim >= 2`: `n(x)ᵢ = Σ_{j,…} |x_{ij…}|`, shape `(d0, 1, …, 1)`, so that it
+      broadcasts against `x`;
+    - `ndim == 1`: the L1 norm of the whole vector, shape `(1,)` (a bias is one row);
+    - `ndim == 0`: `|x|`.
     """
     xp = namespace(xp, x)
     return _row_sum(xp.abs(x), xp)
 
 
 def rowdot(a, b, *, xp=None):
-    r"""The MARS reduction applied to :math:`a \odot b`: per-row inner products, MARS-shaped."""
+    """The MARS reduction applied to `a ⊙ b`: per-row inner products, MARS-shaped."""
     xp = namespace(xp, a, b)
     return _row_sum(a * b, xp)
 
 
 def project(displacement, radius, norm=None, *, xp=None):
-    r"""Project a displacement onto the ball of radius :math:`\gamma` (ALGORITHMS.md §2).
+    """Project a displacement onto the ball of radius `γ` (ALGORITHMS.md §2).
 
-    .. math:: \Pi(c; \gamma) = \operatorname{clip}(\gamma / n(c), 0, 1) \odot c
+        Π(c; γ) = clip(γ / n(c), 0, 1) ⊙ c
 
-    ``norm`` defaults to :func:`mars_norm` of ``displacement`` (rows whose L1 norm
-    exceeds ``radius`` are scaled onto the ball, the others are untouched); pass
-    ``l2_norm(c)`` for the whole-tensor ball, or ``mars_norm(c) + 1e-8`` as FTP does.
-    The result keeps the displacement's dtype.
+    `norm` defaults to `mars_norm(displacement)` (rows whose L1 norm exceeds
+    `radius` are scaled onto the ball, the others are untouched); pass `l2_norm(c)`
+    for the whole-tensor ball, or `mars_norm(c) + 1e-8` as FTP does. This is also
+    MARS-SP's fixed-radius projection (ALGORITHMS.md §8). The result keeps the
+    displacement's dtype.
     """
     xp = namespace(xp, displacement, radius, norm)
     if norm is None:
         norm = mars_norm(displacement, xp=xp)
-    scale = xp.clip(radius / norm, 0.0, 1.0)
+    # a zero-norm row is a zero row: any scale leaves it, so divide by 1 there, not 0
+    safe = xp.where(norm > 0, norm, xp.ones_like(norm))
+    scale = xp.clip(radius / safe, 0.0, 1.0)
     return xp.astype(scale * displacement, displacement.dtype, copy=False)

@@ -2,7 +2,7 @@
 
 Every adapter is checked against this: the same hyperparameters, the same
 gradients, and the trajectories must agree (1e-12 in float64). It is also the
-closed-loop problem of ``ALGORITHMS.md``'s golden files, made from a seed:
+closed-loop problem of `ALGORITHMS.md`'s golden files, made from a seed:
 
     g_t = h ⊙ (θ − target) + noise_t
 
@@ -27,10 +27,10 @@ ANCHOR_MODES = ("init", "zero", None)
 
 
 class ReferenceOptimizer:
-    """One of ``adam_ftp``, ``sgd_ftp``, ``adam_spd`` over a dict of named NumPy arrays.
+    """One of `adam_ftp`, `sgd_ftp`, `adam_spd` over a dict of named NumPy arrays.
 
-    ``anchors`` maps a name to its anchor mode (``"init"``, ``"zero"`` or ``None``);
-    missing names take ``"init"``. :meth:`step` takes the gradients by name and
+    `anchors` maps a name to its anchor mode (`"init"`, `"zero"` or `None`);
+    missing names take `"init"`. :meth:`step` takes the gradients by name and
     returns the new parameters; a name missing from the gradients is skipped
     (its state and step count are untouched), as every adapter does.
     """
@@ -63,13 +63,28 @@ class ReferenceOptimizer:
         h, param = self.hparams, self.params[name]
         if self.kind == "sgd_ftp":
             return sgd_direction(
-                grad, param, self.base[name], step, lr=h["lr"], momentum=h["momentum"],
-                dampening=h["dampening"], weight_decay=h["weight_decay"], nesterov=h["nesterov"],
+                grad,
+                param,
+                self.base[name],
+                step,
+                lr=h["lr"],
+                momentum=h["momentum"],
+                dampening=h["dampening"],
+                weight_decay=h["weight_decay"],
+                nesterov=h["nesterov"],
             )
         decay = h["weight_decay"] if self.kind == "adam_ftp" else 0.0
         return adam_direction(
-            grad, self.base[name], step, lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
-            eps=h["eps"], amsgrad=h["amsgrad"], weight_decay=decay, param=param,
+            grad,
+            self.base[name],
+            step,
+            lr=h["lr"],
+            beta1=h["betas"][0],
+            beta2=h["betas"][1],
+            eps=h["eps"],
+            amsgrad=h["amsgrad"],
+            weight_decay=decay,
+            param=param,
         )
 
     def step(self, grads):
@@ -94,13 +109,13 @@ class ReferenceOptimizer:
         return self.params
 
     def radius(self, name):
-        """The FTP radius ``γ`` of an anchored tensor."""
+        """The FTP radius `γ` of an anchored tensor."""
         return self.ftp[name].radius
 
 
 @dataclass
 class ClosedLoopProblem:
-    """Named tensors with a noisy quadratic loss: ``g_t = h ⊙ (θ − target) + noise_t``."""
+    """Named tensors with a noisy quadratic loss: `g_t = h ⊙ (θ − target) + noise_t`."""
 
     theta0: dict
     target: dict
@@ -108,16 +123,22 @@ class ClosedLoopProblem:
     noise: dict = field(repr=False)
 
     def gradient(self, name, theta, step_index):
-        """The gradient of tensor ``name`` at ``theta`` on (0-based) step ``step_index``."""
+        """The gradient of tensor `name` at `theta` on (0-based) step `step_index`."""
         return self.curvature[name] * (theta - self.target[name]) + self.noise[name][step_index]
 
 
 #: The shapes of the golden files: a scalar, a bias, a matrix and a conv kernel.
-DEFAULT_SHAPES = {"conv.weight": (6, 3, 3, 3), "fc.weight": (8, 12), "fc.bias": (8,), "scale": (), "head.weight": (4, 8)}
+DEFAULT_SHAPES = {
+    "conv.weight": (6, 3, 3, 3),
+    "fc.weight": (8, 12),
+    "fc.bias": (8,),
+    "scale": (),
+    "head.weight": (4, 8),
+}
 
 
 def closed_loop_problem(seed, steps, shapes=None, dtype=np.float64, noise_scale=0.1):
-    """Make a :class:`ClosedLoopProblem` from a seed (float64 by default)."""
+    """Make a `ClosedLoopProblem` from a seed (float64 by default)."""
     rng = np.random.default_rng(seed)
     shapes = DEFAULT_SHAPES if shapes is None else shapes
     theta0, target, curvature, noise = {}, {}, {}, {}

@@ -11,10 +11,10 @@ from .norms import l2_norm
 
 
 class SPDStatistics(NamedTuple):
-    r"""The two scalars SPD needs from before the base step.
+    """The two scalars SPD needs from before the base step.
 
-    ``alignment`` is :math:`\langle g, \theta - \theta_0 \rangle` (the condition is
-    ``c = −alignment``); ``distance`` is :math:`\|\theta - \theta_0\|_2`.
+    `alignment` is `⟨g, θ − θ₀⟩` (SPD's condition is `c = −alignment`);
+    `distance` is `‖θ − θ₀‖₂`.
     """
 
     alignment: Any
@@ -22,20 +22,22 @@ class SPDStatistics(NamedTuple):
 
 
 def spd_statistics(param, anchor, grad, *, xp=None):
-    r"""Measure :math:`\langle g, \theta - \theta_0\rangle` and :math:`\|\theta - \theta_0\|_2`
-    before the base step moves ``θ`` (ALGORITHMS.md §6). ``anchor=None`` is a zero anchor."""
+    """Measure `⟨g, θ − θ₀⟩` and `‖θ − θ₀‖₂` before the base step moves `θ` (ALGORITHMS.md §6).
+
+    `anchor=None` is a zero anchor.
+    """
     xp = namespace(xp, param, anchor, grad)
     displacement = param if anchor is None else param - anchor
     return SPDStatistics(xp.sum(grad * displacement), l2_norm(displacement, xp=xp))
 
 
 def decay_ratio(new_distance, distance, *, xp=None):
-    r"""How much of this step moved the tensor away from the anchor.
+    """How much of this step moved the tensor away from the anchor.
 
-    .. math:: r = \operatorname{clip}\big((a - b) / a, 0, 1\big), \qquad r = 0 \text{ when } a = 0
+        r = clip((a − b) / a, 0, 1),   r = 0 when a = 0
 
-    with ``a = ‖θ̃ − θ₀‖₂`` (after the base step) and ``b = ‖θ − θ₀‖₂`` (before it).
-    The ``a = 0`` rule (undefined in the authors' code) makes 0/0 give 0.
+    with `a = ‖θ̃ − θ₀‖₂` (after the base step) and `b = ‖θ − θ₀‖₂` (before it).
+    The `a = 0` rule (undefined in the authors' code) makes 0/0 give 0.
     """
     xp = namespace(xp, new_distance, distance)
     moved = new_distance > 0
@@ -45,16 +47,15 @@ def decay_ratio(new_distance, distance, *, xp=None):
 
 
 def spd_decay(new_param, anchor, statistics, weight_decay, *, xp=None):
-    r"""Apply selective projection decay after a base step (ALGORITHMS.md §5).
+    """Apply selective projection decay after a base step (ALGORITHMS.md §5).
 
-    .. math::
-        c = -\langle g, \theta - \theta_0 \rangle; \quad
-        \theta \leftarrow \tilde\theta - \lambda\, r\, (\tilde\theta - \theta_0) \text{ if } c < 0,
-        \text{ else } \tilde\theta
+        c = −⟨g, θ − θ₀⟩
+        θ ← θ̃ − λ · r · (θ̃ − θ₀)   if c < 0 (the gradient pushes away from θ₀)
+        θ ← θ̃                       otherwise
 
-    ``new_param`` is ``θ̃``, ``statistics`` comes from :func:`spd_statistics` on
-    ``θ`` before the step, ``r`` is :func:`decay_ratio`. ``λ`` (``weight_decay``) is
-    not multiplied by the learning rate. ``anchor=None`` is a zero anchor.
+    `new_param` is `θ̃`, `statistics` comes from `spd_statistics` on `θ` before
+    the step, `r` is `decay_ratio`. `λ` (`weight_decay`) is not multiplied by the
+    learning rate. `anchor=None` is a zero anchor.
     """
     xp = namespace(xp, new_param, anchor, weight_decay)
     displacement = new_param if anchor is None else new_param - anchor
@@ -65,7 +66,7 @@ def spd_decay(new_param, anchor, statistics, weight_decay, *, xp=None):
 
 
 def spd_step(param, direction, anchor, grad, weight_decay, *, xp=None):
-    """SPD's fused step for one anchored tensor: ``θ̃ = θ − d``, then :func:`spd_decay`."""
+    """SPD's fused step for one anchored tensor: `θ̃ = θ − d`, then `spd_decay`."""
     xp = namespace(xp, param, direction, anchor, grad, weight_decay)
     statistics = spd_statistics(param, anchor, grad, xp=xp)
     return spd_decay(param - direction, anchor, statistics, weight_decay, xp=xp)
