@@ -77,7 +77,7 @@ def adam_direction(
     arrays (schedules, `inject_hyperparams`).
 
     Returns:
-        `(direction, AdamState)`, the direction in the gradient's dtype.
+        tuple: `(direction, AdamState)`, the direction in the gradient's dtype.
     """
     xp = namespace(xp, grad, state.exp_avg, step, lr)
     dtype = _compute_dtype(grad.dtype, xp)
@@ -126,7 +126,7 @@ def sgd_direction(
     function traces. With `momentum == 0` the buffer is returned untouched.
 
     Returns:
-        `(direction, SGDState)`, the direction in the gradient's dtype.
+        tuple: `(direction, SGDState)`, the direction in the gradient's dtype.
     """
     xp = namespace(xp, grad, param, step, lr)
     u = grad

@@ -83,7 +83,7 @@ def radius_update(state, radius_grad, max_norm, step, *, xp=None):
     state's dtype (at least float32). `max_norm` is `max n` of this step.
 
     Returns:
-        `(radius, radius_exp_avg, radius_exp_avg_sq)`.
+        tuple: `(radius, radius_exp_avg, radius_exp_avg_sq)`.
     """
     xp = namespace(xp, state.radius, radius_grad, max_norm, step)
     dtype = state.radius.dtype
@@ -118,7 +118,7 @@ def ftp_project(param, direction, anchor, grad, state, step, *, k=1.0, xp=None):
     (see `radius_gradient`).
 
     Returns:
-        `(new_param, FTPState)`, the parameter in its own dtype.
+        tuple: `(new_param, FTPState)`, the parameter in its own dtype.
     """
     xp = namespace(xp, param, direction, anchor, grad, step)
     displacement = param - direction
