@@ -4,6 +4,8 @@ Every session installs the package (not editable: the tests run against what a
 user installs) with ``constraints.txt``, which pins the CPU build of torch.
 """
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -34,9 +36,9 @@ def golden(session, backend, env=None):
 
 @nox.session(name="tests-core")
 def tests_core(session):
-    """The core on NumPy, array_api_strict, jax.numpy under jit and torch under torch.compile."""
+    """The core on NumPy, array_api_strict, jax.numpy under jit and torch under torch.compile; the CLI."""
     install(session, "torch", "jax")
-    session.run("pytest", "tests/core", *session.posargs)
+    session.run("pytest", "tests/core", "tests/cli", *session.posargs)
 
 
 @nox.session
@@ -89,3 +91,26 @@ def _keras_session(backend):
 
 for _backend in KERAS_BACKENDS:
     globals()[f"tests_keras_{_backend}"] = _keras_session(_backend)
+
+
+@nox.session
+def parity(session):
+    """`tether parity` on the CPU: every backend against the core's float64 NumPy run."""
+    install(session, "all")
+    session.run("tether", "parity", "--device", "cpu", *session.posargs)
+
+
+def _gpu_present():
+    smi = shutil.which("nvidia-smi")
+    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip() != ""
+
+
+@nox.session(name="parity-gpu")
+def parity_gpu(session):
+    """`tether parity --device gpu`: on CUDA, with CUDA builds of torch and jax; a no-op without a GPU."""
+    if not _gpu_present():
+        session.log("parity-gpu: no GPU found (nvidia-smi lists none); nothing to compare on GPU.")
+        return
+    # no constraints file here: it pins the CPU build of torch
+    session.install(".[all]", "jax[cuda12]")
+    session.run("tether", "parity", "--device", "gpu", *session.posargs)

@@ -1,4 +1,7 @@
-"""`tether` on the command line (`python -m tether`)."""
+"""The `tether` command line (also `python -m tether`).
+
+tether parity    the cross-framework equivalence run
+"""
 
 import argparse
 import sys
@@ -7,9 +10,22 @@ from . import __version__
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tether", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tether", description="tether: robust fine-tuning optimizers.")
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
-    parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import parity
+
+    parity.add_arguments(
+        commands.add_parser(
+            "parity",
+            help="compare every backend's optimizers with the core's NumPy run",
+            description=parity.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    args = parser.parse_args(argv)
+    if args.command == "parity":
+        return parity.main(args)
     parser.print_help()
     return 0
 

@@ -1,0 +1,182 @@
+"""What `tether parity` runs: the configurations, the two problems, and the NumPy reference.
+
+Every backend's driver receives a `Case` and a problem, runs the public
+optimizer of its framework, and returns the trajectory of every tensor; the
+same case run by the core on NumPy in float64 (`reference_trajectory`) is
+the yardstick.
+"""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from tether.core.reference import ReferenceOptimizer, closed_loop_problem
+
+STEPS = 25
+
+
+@dataclass(frozen=True)
+class Case:
+    """One optimizer configuration, in PyTorch's hyperparameter names.
+
+    `kind` is the fused optimizer the case equals (`adam_ftp`, `sgd_ftp`,
+    `adam_spd`); `wrapper` (`"ftp"`, `"spd"` or `None`) says the backend
+    should build it as a wrapper around its own base optimizer instead (AdamW or
+    SGD for FTP, Adam without weight decay for SPD). `anchor` is `"init"` or
+    `"zero"`; the tensors named in `unanchored` take the plain base step.
+    """
+
+    name: str
+    kind: str
+    hparams: dict = field(hash=False)
+    anchor: str = "init"
+    unanchored: tuple = ()
+    wrapper: str | None = None
+
+    def anchors(self, names):
+        """Anchor mode by tensor name, as the reference takes it."""
+        return {n: (None if n in self.unanchored else self.anchor) for n in names}
+
+
+CASES = (
+    Case("adam_ftp", "adam_ftp", {"lr": 0.05}, unanchored=("head.weight",)),
+    Case(
+        "adam_ftp k=0.5 wd amsgrad", "adam_ftp", {"lr": 0.05, "weight_decay": 0.01, "amsgrad": True, "k": 0.5}
+    ),
+    Case("adam_ftp zero anchor", "adam_ftp", {"lr": 0.02}, anchor="zero", unanchored=("head.weight",)),
+    Case("sgd_ftp momentum", "sgd_ftp", {"lr": 0.1, "momentum": 0.9}, unanchored=("head.weight",)),
+    Case(
+        "sgd_ftp nesterov wd k=0.8",
+        "sgd_ftp",
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.001, "k": 0.8},
+    ),
+    Case("sgd_ftp dampening", "sgd_ftp", {"lr": 0.05, "momentum": 0.5, "dampening": 0.3}),
+    Case("adam_spd", "adam_spd", {"lr": 0.05, "weight_decay": 1.0}),
+    Case(
+        "adam_spd zero anchor amsgrad",
+        "adam_spd",
+        {"lr": 0.05, "weight_decay": 0.5, "amsgrad": True},
+        anchor="zero",
+        unanchored=("head.weight",),
+    ),
+    Case("ftp(adamw) wrapper", "adam_ftp", {"lr": 0.05, "weight_decay": 0.01}, wrapper="ftp"),
+    Case("ftp(sgd) wrapper", "sgd_ftp", {"lr": 0.1, "momentum": 0.9, "k": 0.5}, wrapper="ftp"),
+    Case(
+        "spd(adam) wrapper",
+        "adam_spd",
+        {"lr": 0.05, "weight_decay": 1.0},
+        wrapper="spd",
+        unanchored=("head.weight",),
+    ),
+)
+
+
+def full_hparams(case):
+    """The case's hyperparameters with every default filled in (PyTorch names)."""
+    from tether.core.reference import DEFAULTS
+
+    return {**DEFAULTS[case.kind], **case.hparams}
+
+
+# --- the problems -----------------------------------------------------------------------------------
+
+
+class ClosedLoop:
+    """`g_t = h ⊙ (θ − target) + noise_t`: gradients computed in NumPy from each backend's θ."""
+
+    name = "closed-loop"
+
+    def __init__(self, seed=0, steps=STEPS):
+        self.problem = closed_loop_problem(seed, steps)
+        self.steps = steps
+        self.theta0 = self.problem.theta0
+
+    def gradients(self, params, step_index):
+        """Gradients by name at `params` (NumPy arrays, any float dtype), in float64."""
+        return {
+            n: self.problem.gradient(n, np.asarray(p, dtype=np.float64), step_index)
+            for n, p in params.items()
+        }
+
+
+class MLP:
+    """A two-layer tanh network on a fixed batch, mean squared error; each backend's own autodiff.
+
+    `fc.weight` (16, 8) and `fc.bias` (16,) make the hidden layer, `head.weight`
+    (3, 16) and `head.bias` (3,) the output: PyTorch's (out, in) layout everywhere,
+    so that the MARS rows are the same units in every framework. The loss is the
+    mean over the batch and the outputs of `(head(tanh(fc(x))) − y)²`.
+    """
+
+    name = "mlp"
+    shapes: ClassVar[dict] = {
+        "fc.weight": (16, 8),
+        "fc.bias": (16,),
+        "head.weight": (3, 16),
+        "head.bias": (3,),
+    }
+
+    def __init__(self, seed=0, steps=STEPS, batch=32):
+        rng = np.random.default_rng(seed + 1000)
+        self.steps = steps
+        self.theta0 = {
+            "fc.weight": rng.standard_normal((16, 8)) / np.sqrt(8),
+            "fc.bias": 0.1 * rng.standard_normal(16),
+            "head.weight": rng.standard_normal((3, 16)) / 4.0,
+            "head.bias": 0.1 * rng.standard_normal(3),
+        }
+        self.x = rng.standard_normal((batch, 8))
+        self.y = np.sin(self.x[:, :3]) + 0.1 * rng.standard_normal((batch, 3))
+
+    def gradients(self, params, step_index=None):
+        """Hand-written backward pass in float64 (the reference's gradients)."""
+        w1, b1, w2, b2 = (np.asarray(params[n], dtype=np.float64) for n in self.shapes)
+        hidden = np.tanh(self.x @ w1.T + b1)
+        out = hidden @ w2.T + b2
+        d_out = 2.0 * (out - self.y) / out.size
+        d_hidden = (d_out @ w2) * (1.0 - hidden**2)
+        return {
+            "fc.weight": d_hidden.T @ self.x,
+            "fc.bias": d_hidden.sum(axis=0),
+            "head.weight": d_out.T @ hidden,
+            "head.bias": d_out.sum(axis=0),
+        }
+
+
+PROBLEMS = {"closed-loop": ClosedLoop, "mlp": MLP}
+DTYPES = ("float64", "float32")
+#: Largest |backend − reference| allowed, by dtype (float32 trajectories drift by rounding).
+TOLERANCE = {"float64": 1e-10, "float32": 2e-4}
+#: Documented exceptions, (backend, problem, dtype) -> (tolerance, why). Each is printed with the report.
+_KERAS_MATMUL = (
+    "Keras 3.15's dtype promotion gives result_type(float64, float64) = float32, so keras.ops.matmul "
+    "computes a float64 network's matmuls in float32 on this backend (keras.optimizers.SGD's own first "
+    "step is 5e-8 from the exact gradient step; 7e-17 on TensorFlow). The optimizer is not involved: "
+    "the closed-loop rows, with no Keras forward pass, keep 1e-10"
+)
+LOOSER = {
+    ("keras/jax", "mlp", "float64"): (1e-6, _KERAS_MATMUL),
+    ("keras/torch", "mlp", "float64"): (1e-6, _KERAS_MATMUL),
+}
+
+
+def tolerance(backend, problem, dtype):
+    """The tolerance of one run: `TOLERANCE[dtype]` unless `LOOSER` names it."""
+    return LOOSER.get((backend, problem, dtype), (TOLERANCE[dtype], None))[0]
+
+
+def reference_trajectory(case, problem):
+    """The case run by the core on NumPy in float64: `{name: (steps, *shape)}`."""
+    names = list(problem.theta0)
+    opt = ReferenceOptimizer(case.kind, problem.theta0, anchors=case.anchors(names), **case.hparams)
+    trajectory = {n: [] for n in names}
+    for t in range(problem.steps):
+        for n, p in opt.step(problem.gradients(opt.params, t)).items():
+            trajectory[n].append(p.copy())
+    return {n: np.stack(v) for n, v in trajectory.items()}
+
+
+def max_deviation(trajectory, reference):
+    """Largest absolute difference over every tensor and step."""
+    return max(float(np.max(np.abs(np.asarray(trajectory[n], np.float64) - reference[n]))) for n in reference)

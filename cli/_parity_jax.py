@@ -1,0 +1,107 @@
+"""`tether parity` driver for JAX: `tether.adapters.jax` (optax) on every platform JAX sees."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from tether.adapters import jax as tj  # noqa: E402
+
+from ._parity_cases import MLP, full_hparams  # noqa: E402
+
+
+def devices():
+    platforms = []
+    for device in jax.devices():
+        if device.platform not in platforms:
+            platforms.append(device.platform)
+    return (["cpu"] if "cpu" not in platforms else []) + platforms
+
+
+def build(case, names):
+    h = full_hparams(case)
+    mask = {n: n not in case.unanchored for n in names}
+    b1, b2 = h.get("betas", (0.9, 0.999))
+    if case.wrapper == "ftp" and case.kind == "adam_ftp":
+        inner = optax.adamw(h["lr"], b1=b1, b2=b2, eps=h["eps"], weight_decay=h["weight_decay"])
+        return tj.ftp(inner, k=h["k"], anchor=case.anchor, mask=mask)
+    if case.wrapper == "ftp":
+        inner = optax.chain(
+            optax.add_decayed_weights(h["weight_decay"]) if h["weight_decay"] else optax.identity(),
+            optax.sgd(h["lr"], momentum=h["momentum"] or None, nesterov=h["nesterov"]),
+        )
+        if h["dampening"]:
+            raise ValueError("optax.sgd has no dampening")
+        return tj.ftp(inner, k=h["k"], anchor=case.anchor, mask=mask)
+    if case.wrapper == "spd":
+        if h["amsgrad"]:
+            raise ValueError("the spd(adam) parity case has no amsgrad form in optax")
+        inner = optax.adam(h["lr"], b1=b1, b2=b2, eps=h["eps"])
+        return tj.spd(inner, weight_decay=h["weight_decay"], anchor=case.anchor, mask=mask)
+    if case.kind == "adam_ftp":
+        return tj.adam_ftp(
+            h["lr"],
+            b1=b1,
+            b2=b2,
+            eps=h["eps"],
+            weight_decay=h["weight_decay"],
+            amsgrad=h["amsgrad"],
+            k=h["k"],
+            anchor=case.anchor,
+            mask=mask,
+        )
+    if case.kind == "sgd_ftp":
+        return tj.sgd_ftp(
+            h["lr"],
+            momentum=h["momentum"],
+            dampening=h["dampening"],
+            weight_decay=h["weight_decay"],
+            nesterov=h["nesterov"],
+            k=h["k"],
+            anchor=case.anchor,
+            mask=mask,
+        )
+    return tj.adam_spd(
+        h["lr"],
+        b1=b1,
+        b2=b2,
+        eps=h["eps"],
+        weight_decay=h["weight_decay"],
+        amsgrad=h["amsgrad"],
+        anchor=case.anchor,
+        mask=mask,
+    )
+
+
+def _mlp_loss(params, x, y):
+    hidden = jnp.tanh(x @ params["fc.weight"].T + params["fc.bias"])
+    out = hidden @ params["head.weight"].T + params["head.bias"]
+    return jnp.mean((out - y) ** 2)
+
+
+def run(case, problem, dtype, device):
+    dev = jax.devices(device)[0]
+    with jax.default_device(dev):
+        params = {n: jnp.asarray(v, dtype=dtype) for n, v in problem.theta0.items()}
+        tx = build(case, list(params))
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        grad_fn = None
+        if isinstance(problem, MLP):
+            x, y = jnp.asarray(problem.x, dtype=dtype), jnp.asarray(problem.y, dtype=dtype)
+            grad_fn = jax.jit(jax.grad(lambda p: _mlp_loss(p, x, y)))
+        trajectory = {n: [] for n in params}
+        for t in range(problem.steps):
+            if grad_fn is not None:
+                grads = grad_fn(params)
+            else:
+                grads = problem.gradients({n: np.asarray(p) for n, p in params.items()}, t)
+                grads = {n: jnp.asarray(g, dtype=dtype) for n, g in grads.items()}
+            updates, state = update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            for n, p in params.items():
+                trajectory[n].append(np.asarray(p, dtype=np.float64))
+    return {n: np.stack(v) for n, v in trajectory.items()}

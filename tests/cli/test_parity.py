@@ -1,0 +1,116 @@
+"""`tether parity`: the table, the verdicts, the exit status, skipped backends, --json, --device gpu."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tether import parity
+from tether.__main__ import main
+
+
+def record(
+    backend="torch", optimizer="adam_spd", problem="mlp", dtype="float64", deviation=1e-14, verdict="pass"
+):
+    return {
+        "backend": backend,
+        "device": "cpu",
+        "optimizer": optimizer,
+        "problem": problem,
+        "dtype": dtype,
+        "tolerance": 1e-10,
+        "deviation": deviation,
+        "verdict": verdict,
+    }
+
+
+def test_a_row_takes_the_worst_problem_and_the_worst_verdict():
+    table = parity.summarize(
+        [
+            record(problem="closed-loop", deviation=1e-15),
+            record(problem="mlp", deviation=3e-14),
+            record(optimizer="adam_ftp", deviation=None, verdict="ERROR"),
+            record(optimizer="adam_ftp", problem="closed-loop", deviation=2.0, verdict="FAIL"),
+            record(optimizer="ftp(adamw) wrapper", deviation=None, verdict="n/a"),
+        ]
+    )
+    rows = {row[2]: row for row in table}
+    assert rows["adam_spd"][4] == 3e-14 and rows["adam_spd"][-1] == "pass"
+    assert rows["adam_ftp"][-1] == "ERROR" and rows["adam_ftp"][4] == 2.0
+    assert rows["ftp(adamw) wrapper"][-1] == "n/a"
+    text = parity.format_table(table)
+    assert text.splitlines()[0].split() == [
+        "backend",
+        "device",
+        "optimizer",
+        "dtype",
+        "max",
+        "|Δ|",
+        "tolerance",
+        "verdict",
+    ]
+    assert "3.00e-14" in text and "1e-10" in text
+
+
+def test_a_failure_makes_the_exit_status_1(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(parity, "installed", lambda backend: backend == "torch")
+    monkeypatch.setattr(
+        parity,
+        "run_backend",
+        lambda *a: [record(), record(optimizer="adam_ftp", deviation=1.0, verdict="FAIL")],
+    )
+    out = tmp_path / "parity.json"
+    assert main(["parity", "--json", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "1 passed, 1 failed" in printed.out
+    assert "keras/jax: skipped, not installed" in printed.err
+    result = json.loads(out.read_text())
+    assert result["backends"]["torch"] == "failed"
+    assert result["backends"]["jax"] == "skipped (not installed)"
+    assert {r["verdict"] for r in result["rows"]} == {"pass", "FAIL"}
+
+
+def test_no_backend_installed_is_not_a_failure(monkeypatch, capsys):
+    monkeypatch.setattr(parity, "installed", lambda backend: False)
+    assert main(["parity"]) == 0
+    assert "0 passed, 0 failed" in capsys.readouterr().out
+
+
+def test_an_unknown_backend_is_a_usage_error(capsys):
+    assert main(["parity", "--backends", "mxnet"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_real_run_passes(backend, tmp_path):
+    pytest.importorskip(backend)
+    out = tmp_path / "parity.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tether",
+        "parity",
+        "--backends",
+        backend,
+        "--steps",
+        "4",
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 22  # 11 cases × 2 dtypes on the CPU
+    assert all(r["verdict"] == "pass" for r in rows)
+    assert max(r["max_abs_deviation"] for r in rows if r["dtype"] == "float64") < 1e-12
+
+
+def test_gpu_parity_without_a_gpu_says_so_and_passes():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the nox session parity-gpu runs for real")
+    cmd = [sys.executable, "-m", "tether", "parity", "--backends", "torch", "--device", "gpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no GPU found" in result.stdout
