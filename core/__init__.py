@@ -8,10 +8,10 @@ JAX, `array_api_strict`, or the namespace the Keras adapter builds on
   `mars_norm`, `rowdot`, `project`;
 - base directions (`tether.core.base`): `adam_direction`,
   `sgd_direction`, with `AdamState`, `SGDState`;
-- FTP (`tether.core.ftp`): `radius_gradient`, `radius_update`,
-  `ftp_project`, with `FTPState`;
+- FTP (`tether.core.ftp`): `radius_gradient`, `damp_radius_gradient`,
+  `radius_update`, `ftp_project`, with `FTPState`;
 - SPD (`tether.core.spd`): `spd_statistics`, `decay_ratio`,
-  `spd_decay`, `spd_step`.
+  `decay_strength`, `spd_decay`, `spd_step`.
 
 Every function takes arrays and returns new arrays: no state of its own, no
 in-place update, no Python branch on an array's value and no host read, so each
@@ -31,9 +31,17 @@ The subset of the Array API standard the core uses (a namespace passed as
 """
 
 from .base import AdamState, SGDState, adam_direction, adam_init, sgd_direction, sgd_init
-from .ftp import FTPState, ftp_init, ftp_project, radius_dtype, radius_gradient, radius_update
+from .ftp import (
+    FTPState,
+    damp_radius_gradient,
+    ftp_init,
+    ftp_project,
+    radius_dtype,
+    radius_gradient,
+    radius_update,
+)
 from .norms import l2_norm, mars_norm, project, rowdot
-from .spd import SPDStatistics, decay_ratio, spd_decay, spd_statistics, spd_step
+from .spd import SPDStatistics, decay_ratio, decay_strength, spd_decay, spd_statistics, spd_step
 
 __all__ = [
     "AdamState",
@@ -42,7 +50,9 @@ __all__ = [
     "SPDStatistics",
     "adam_direction",
     "adam_init",
+    "damp_radius_gradient",
     "decay_ratio",
+    "decay_strength",
     "ftp_init",
     "ftp_project",
     "l2_norm",

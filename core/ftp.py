@@ -65,8 +65,13 @@ def radius_gradient(grad, prev_displacement, prev_inv_norm, *, k=1.0, xp=None):
     positive gradients, those that would shrink the radius.
     """
     xp = namespace(xp, grad, prev_displacement, prev_inv_norm)
-    g = xp.sum(rowdot(grad, prev_displacement, xp=xp) * prev_inv_norm)
-    return xp.where(g > 0, k * g, g)
+    return damp_radius_gradient(xp.sum(rowdot(grad, prev_displacement, xp=xp) * prev_inv_norm), k, xp=xp)
+
+
+def damp_radius_gradient(radius_grad, k, *, xp=None):
+    """`∇γ ← k·∇γ` where `∇γ > 0` (elementwise, so it applies to stacked per-tensor gradients)."""
+    xp = namespace(xp, radius_grad)
+    return xp.where(radius_grad > 0, k * radius_grad, radius_grad)
 
 
 def radius_update(state, radius_grad, max_norm, step, *, xp=None):
@@ -94,7 +99,9 @@ def radius_update(state, radius_grad, max_norm, step, *, xp=None):
     step_size = RADIUS_LR / (1 - RADIUS_BETA1**t)
     denom = xp.sqrt(v) / xp.sqrt(1 - RADIUS_BETA2**t) + RADIUS_EPS
     radius = state.radius - step_size * (m / denom)
-    radius = xp.clip(radius, RADIUS_FLOOR, xp.astype(max_norm, dtype, copy=False))
+    # both bounds arrays: array_api_compat.torch's clip turns a scalar bound into a tensor with
+    # torch.as_tensor(..., device=x.device), a host-to-device copy that synchronizes a CUDA stream
+    radius = xp.clip(radius, xp.full_like(radius, RADIUS_FLOOR), xp.astype(max_norm, dtype, copy=False))
     first = t == 1
     zero = xp.zeros_like(m)
     return (

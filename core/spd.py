@@ -59,10 +59,18 @@ def spd_decay(new_param, anchor, statistics, weight_decay, *, xp=None):
     """
     xp = namespace(xp, new_param, anchor, weight_decay)
     displacement = new_param if anchor is None else new_param - anchor
-    ratio = decay_ratio(l2_norm(displacement, xp=xp), statistics.distance, xp=xp)
-    condition = -statistics.alignment
-    ratio = xp.where(condition < 0, ratio, xp.zeros_like(ratio))
-    return xp.astype(new_param - (weight_decay * ratio) * displacement, new_param.dtype, copy=False)
+    strength = decay_strength(statistics, l2_norm(displacement, xp=xp), weight_decay, xp=xp)
+    return xp.astype(new_param - strength * displacement, new_param.dtype, copy=False)
+
+
+def decay_strength(statistics, new_distance, weight_decay, *, xp=None):
+    """`λ·r` where SPD's condition `c = −⟨g, θ − θ₀⟩ < 0` holds, else 0.
+
+    Elementwise on its scalars, so it applies to per-tensor statistics stacked into vectors.
+    """
+    xp = namespace(xp, statistics.alignment, statistics.distance, new_distance, weight_decay)
+    ratio = decay_ratio(new_distance, statistics.distance, xp=xp)
+    return weight_decay * xp.where(-statistics.alignment < 0, ratio, xp.zeros_like(ratio))
 
 
 def spd_step(param, direction, anchor, grad, weight_decay, *, xp=None):

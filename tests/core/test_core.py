@@ -398,3 +398,18 @@ def test_state_dtypes_follow_the_parameter(backend):
     assert adam.exp_avg.dtype == backend.dtype and adam.max_exp_avg_sq.shape == (2, 3)
     assert ftp.prev_displacement.dtype == backend.dtype and ftp.prev_inv_norm.shape == (2, 1)
     assert ftp.radius.shape == () and ftp.radius.dtype == np.result_type(backend.dtype, np.float32)
+
+
+def test_scalar_rules_are_elementwise_on_stacked_tensors(backend):
+    """Adapters stack per-tensor scalars into vectors and apply the core's scalar rules once."""
+    radius_grads = np.array([2.0, -3.0, 0.0])
+    alignment, distance = np.array([1.0, -1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    new_distance = np.array([2.0, 2.0, 0.0])
+
+    def rules(g, a, d, n):
+        return core.damp_radius_gradient(g, 0.5), core.decay_strength(core.SPDStatistics(a, d), n, 0.5)
+
+    damped, strength = backend.call(rules, radius_grads, alignment, distance, new_distance)
+    backend.close(damped, [1.0, -3.0, 0.0])
+    # pushed away with r = 1/2; pulled toward (no decay); a = 0 (0/0: no decay)
+    backend.close(strength, [0.25, 0.0, 0.0], atol=1e-300)

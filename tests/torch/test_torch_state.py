@@ -1,0 +1,115 @@
+"""state_dict / load_state_dict: bit-for-bit resume in a fresh process, dtypes, and checks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch_helpers import BUILDERS, assert_bitwise_equal, resume_setup, resume_steps, snapshot
+
+from tether.adapters.torch import AdamFTP, AdamSPD
+
+HERE = Path(__file__).parent
+STEPS, SPLIT = 10, 4
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """Run every class to SPLIT, save, finish; resume all of them in one fresh process."""
+    tmp = tmp_path_factory.mktemp("resume")
+    expected = {}
+    for kind in BUILDERS:
+        problem, params, opt, scheduler = resume_setup(kind)
+        resume_steps(problem, params, opt, scheduler, 0, SPLIT)
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in params.items()},
+                "optimizer": opt.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+            tmp / f"{kind}.pt",
+        )
+        resume_steps(problem, params, opt, scheduler, SPLIT, STEPS)
+        expected[kind] = snapshot(params, opt)
+    cmd = [
+        sys.executable,
+        str(HERE / "torch_resume_child.py"),
+        str(tmp),
+        str(SPLIT),
+        str(STEPS),
+        *BUILDERS,
+    ]
+    subprocess.run(cmd, check=True, cwd=HERE, capture_output=True)
+    return {
+        kind: (expected[kind], torch.load(tmp / f"{kind}.resumed.pt", weights_only=True)) for kind in BUILDERS
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_resume_in_fresh_process_is_bit_for_bit(kind, resumed):
+    expected, got = resumed[kind]
+    assert_bitwise_equal(expected, got)
+
+
+def _trained(cls, params, **kw):
+    opt = cls(params, lr=0.1, **kw)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+def test_state_keys_and_dtypes_bf16():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+    opt = _trained(AdamFTP, [w])
+    state = opt.state[w]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert state["anchor"].dtype == state["prev_displacement"].dtype == torch.bfloat16
+    for key in ("radius", "radius_exp_avg", "radius_exp_avg_sq", "step"):
+        assert state[key].dtype == torch.float32, key
+    # loading keeps the float32 radius state (torch's own load would cast it to bfloat16)
+    state["radius"].fill_(1.2345678)
+    fresh = AdamFTP([torch.nn.Parameter(w.detach().clone())], lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    loaded = next(iter(fresh.state.values()))
+    assert loaded["radius"].dtype == torch.float32
+    assert torch.equal(loaded["radius"], state["radius"])
+
+
+def test_adam_spd_memory():
+    """AdamSPD keeps exp_avg, exp_avg_sq and the anchor; 'zero' stores no anchor."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(5, 4))
+    opt = _trained(AdamSPD, [{"params": [a]}, {"params": [b], "anchor": "zero"}])
+    full = lambda p: sorted(k for k, v in opt.state[p].items() if v.shape == p.shape)  # noqa: E731
+    assert full(a) == ["anchor", "exp_avg", "exp_avg_sq"]
+    assert full(b) == ["exp_avg", "exp_avg_sq"]
+    assert sorted(opt.state[a]) == ["anchor", "exp_avg", "exp_avg_sq", "step"]
+
+
+def test_load_rejects_mismatched_anchor():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = _trained(AdamSPD, [w])
+    state_dict = opt.state_dict()
+    state_dict["state"][0]["anchor"] = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="anchor"):
+        AdamSPD([torch.nn.Parameter(torch.randn(4, 3))]).load_state_dict(state_dict)
+    state_dict["state"][0]["anchor"] = torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="anchor"):
+        AdamSPD([torch.nn.Parameter(torch.randn(4, 3))]).load_state_dict(state_dict)
+    del state_dict["state"][0]["anchor"]
+    with pytest.raises(ValueError, match="no anchor"):
+        AdamSPD([torch.nn.Parameter(torch.randn(4, 3))]).load_state_dict(state_dict)
+
+
+def test_load_names_the_parameter():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = _trained(AdamFTP, [("encoder.weight", w)])
+    state_dict = opt.state_dict()
+    state_dict["state"][0]["prev_displacement"] = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"encoder\.weight"):
+        AdamFTP([("encoder.weight", torch.nn.Parameter(torch.randn(4, 3)))]).load_state_dict(state_dict)

@@ -1,0 +1,118 @@
+"""Shared builders for the torch adapter's tests (imported by the tests and by the resume child)."""
+
+import numpy as np
+import torch
+
+from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
+from tether.core.reference import closed_loop_problem
+
+#: Anchor mode of each tensor of ``core.reference.DEFAULT_SHAPES``: every mode appears.
+ANCHORS = {
+    "conv.weight": "init",
+    "fc.weight": "init",
+    "fc.bias": "zero",
+    "scale": "init",
+    "head.weight": None,
+}
+
+
+def make_params(problem, dtype=torch.float64, device="cpu"):
+    return {
+        n: torch.nn.Parameter(torch.tensor(v, dtype=dtype, device=device)) for n, v in problem.theta0.items()
+    }
+
+
+def named_groups(params, anchors=ANCHORS, **extra):
+    """One named group per anchor mode, in a fixed order."""
+    groups = []
+    for mode in ("init", "zero", None):
+        names = [n for n in params if anchors.get(n, "init") == mode]
+        if names:
+            groups.append({"params": [(n, params[n]) for n in names], "anchor": mode, **extra.get(mode, {})})
+    return groups
+
+
+def set_grads(params, problem, t, skip=()):
+    for n, p in params.items():
+        if n in skip:
+            p.grad = None
+        else:
+            g = problem.gradient(n, p.detach().to(torch.float64).cpu().numpy(), t)
+            p.grad = torch.tensor(g, dtype=torch.float64).to(dtype=p.dtype, device=p.device)
+
+
+def _adam_ftp(groups, eps=1e-8):
+    return AdamFTP(groups, lr=0.05, eps=eps, weight_decay=0.01, amsgrad=True, k=0.5)
+
+
+def _sgd_ftp(groups, eps=None):
+    return SGDFTP(groups, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.001, k=0.8)
+
+
+def _adam_spd(groups, eps=1e-8):
+    return AdamSPD(groups, lr=0.05, eps=eps, weight_decay=1.0, amsgrad=True)
+
+
+def _ftp(groups, eps=1e-8):
+    return FTP(torch.optim.AdamW(groups, lr=0.05, eps=eps, weight_decay=0.01), k=0.7)
+
+
+def _spd(groups, eps=1e-8):
+    return SPD(torch.optim.Adam(groups, lr=0.05, eps=eps), weight_decay=0.5)
+
+
+#: Builders of the five public classes, with hyperparameters that exercise every branch
+#: (``eps`` is Adam's, for float16, where 1e-8 underflows as in torch.optim.Adam).
+BUILDERS = {"AdamFTP": _adam_ftp, "SGDFTP": _sgd_ftp, "AdamSPD": _adam_spd, "FTP": _ftp, "SPD": _spd}
+
+
+def resume_problem():
+    return closed_loop_problem(seed=7, steps=12)
+
+
+def resume_setup(kind):
+    """Fresh float32 parameters (plus one bf16 tensor), optimizer and scheduler for the resume test."""
+    problem = resume_problem()
+    params = make_params(problem, dtype=torch.float32)
+    params["fc.bias"] = torch.nn.Parameter(params["fc.bias"].detach().to(torch.bfloat16))
+    groups = named_groups({n: p for n, p in params.items() if n != "fc.bias"})
+    groups.append({"params": [("fc.bias", params["fc.bias"])], "anchor": "init"})
+    opt = BUILDERS[kind](groups)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return problem, params, opt, scheduler
+
+
+def resume_steps(problem, params, opt, scheduler, start, stop):
+    for t in range(start, stop):
+        # "scale" skips every third step: its state must stay untouched meanwhile
+        set_grads(params, problem, t, skip=("scale",) if t % 3 == 1 else ())
+        opt.step()
+        scheduler.step()
+        opt.zero_grad()
+
+
+def snapshot(params, opt):
+    """Every parameter and every state tensor, as CPU tensors, for a bit-for-bit comparison."""
+    out = {f"param:{n}": p.detach().cpu().clone() for n, p in params.items()}
+    state_dict = opt.state_dict()
+    states = [state_dict["state"]] + ([state_dict["base"]["state"]] if "base" in state_dict else [])
+    for j, state in enumerate(states):
+        for i, values in state.items():
+            for k, v in values.items():
+                if torch.is_tensor(v):
+                    out[f"state{j}:{i}:{k}"] = v.detach().cpu().clone()
+    return out
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def to_numpy(params):
+    return {n: p.detach().cpu().to(torch.float64).numpy() for n, p in params.items()}
+
+
+__all__ = ["np"]
