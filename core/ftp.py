@@ -45,11 +45,11 @@ def ftp_init(param, *, xp=None):
     """FTP's initial state for `param` (all zeros; the first step sets `γ = 1e-8`)."""
     xp = namespace(xp, param)
     scalar = radius_dtype(param.dtype, xp=xp)
-    zero = xp.zeros((), dtype=scalar)
+    # three arrays, not one shared: a shared buffer cannot be donated (jax.jit donate_argnums)
     return FTPState(
-        radius=zero,
-        radius_exp_avg=zero,
-        radius_exp_avg_sq=zero,
+        radius=xp.zeros((), dtype=scalar),
+        radius_exp_avg=xp.zeros((), dtype=scalar),
+        radius_exp_avg_sq=xp.zeros((), dtype=scalar),
         prev_displacement=xp.zeros_like(param),
         prev_inv_norm=xp.zeros_like(mars_norm(param, xp=xp)),
     )
