@@ -1,0 +1,589 @@
+r"""tether for Keras 3: FTP and SPD as ``keras.optimizers.Optimizer`` subclasses.
+
+Pass one to ``model.compile(optimizer=...)`` on the TensorFlow, JAX or torch
+backend. Each optimizer is bookkeeping only: its state lives in optimizer
+variables (so ``model.save`` / ``keras.saving.load_model`` carry it), the Keras
+base class owns learning-rate schedules, gradient clipping, EMA, loss scaling,
+gradient accumulation and ``jit_compile``, and the math is a call into
+`tether.core` through a namespace built on ``keras.ops``.
+
+The anchor $\theta_0$ of each variable is captured when the optimizer is
+built, which ``fit`` does on its first call: load the pre-trained weights before
+that. `exclude_from_anchor` leaves variables (a new head)
+unanchored: they take the plain base step.
+"""
+
+import contextlib
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
+
+from tether import core
+
+from ._keras_ops import keras_namespace as _xp
+
+__all__ = ["AdamFTP", "AdamSPD", "SGDFTP"]
+
+ANCHOR_MODES = ("init", "zero")
+
+#: What ``learning_rate`` may be: a float, a schedule, or a callable with no arguments.
+LearningRate = float | keras.optimizers.schedules.LearningRateSchedule | Callable[[], Any]
+
+
+def _float64_on_jax():
+    """Let ``floatx="float64"`` mean float64 on JAX.
+
+    Keras on JAX silently truncates float64 variables to float32 unless
+    ``jax_enable_x64`` is set. A user who set ``keras.config.set_floatx("float64")``
+    before importing this module asked for float64, so turn it on; otherwise
+    nothing global is touched.
+    """
+    if keras.backend.backend() == "jax" and keras.config.floatx() == "float64":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            jax.config.update("jax_enable_x64", True)
+
+
+_float64_on_jax()
+
+
+def _no_grad():
+    """``torch.no_grad()`` on the torch backend (no autograd graph for the update), else nothing."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def _dense(gradient):
+    """A dense gradient: TensorFlow gives embeddings ``IndexedSlices``; FTP's and SPD's sums span the tensor."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if isinstance(gradient, tf.IndexedSlices):
+            return tf.convert_to_tensor(gradient)
+    return gradient
+
+
+def _read(variable, dtype):
+    """The value of a (model or optimizer) variable, as a tensor of ``dtype``."""
+    return ops.cast(ops.convert_to_tensor(variable), dtype)
+
+
+def _check(name, value, low, high, *, high_open=False):
+    """Raise a clear ``ValueError`` unless ``low <= value <= high`` (``< high`` when ``high_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a number, got {value!r}")
+    if not (low <= value and (value < high if high_open else value <= high)):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"`{name}` must be in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def _mars_shape(shape):
+    """The shape of the MARS norm of a tensor of ``shape`` (ALGORITHMS.md §1)."""
+    if len(shape) == 0:
+        return ()
+    if len(shape) == 1:
+        return (1,)
+    return (shape[0],) + (1,) * (len(shape) - 1)
+
+
+def _outside_trace():
+    """``tf.init_scope()`` on TensorFlow, else nothing.
+
+    Keras's TensorFlow trainer builds the optimizer inside the traced train step;
+    an initializer that reads a model variable there cannot be lifted out of the
+    graph, which ``jit_compile=True`` requires. Read it eagerly instead.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.init_scope()
+    return contextlib.nullcontext()
+
+
+def _copy_initializer(variable):
+    """An initializer whose value is a copy of ``variable`` now (its own buffer, never an alias)."""
+
+    def initializer(shape, dtype=None):
+        with _outside_trace():
+            return ops.copy(ops.cast(ops.convert_to_tensor(variable), dtype))
+
+    return initializer
+
+
+class _AnchoredOptimizer(keras.optimizers.Optimizer):
+    """What the three optimizers share: anchors, per-variable step counts, the update loop.
+
+    Subclasses make their method's slots in `_build_slots`, return the base
+    direction ``d`` (``θ̃ = θ − d``) from `_direction` and apply their constraint
+    to anchored variables in `_constrain`.
+    """
+
+    def __init__(self, learning_rate, *, weight_decay, anchor, **kwargs):
+        # The base class's own decoupled decay must never act: `weight_decay` is the
+        # method's (see each class), applied inside `update_step`.
+        super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
+        if anchor not in ANCHOR_MODES:
+            raise ValueError(f"`anchor` must be one of {ANCHOR_MODES}, got {anchor!r}")
+        # None is Keras's "no decay"
+        self.weight_decay = _check(
+            "weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0, float("inf")
+        )
+        self.anchor = anchor
+        self._anchor_excluded_keys = set()
+        self._anchor_excluded_names = ()
+        # positions in the built variable list, from a saved config (see `get_config`)
+        self._anchor_excluded_indices = set()
+
+    def _apply_weight_decay(self, variables):
+        """A no-op: each method applies its own ``weight_decay`` (the base's would decay twice)."""
+
+    def exclude_from_anchor(self, var_list: list | None = None, var_names: list[str] | None = None) -> None:
+        """Leave variables unanchored: no projection or selective decay, just the base step.
+
+        Call it before the optimizer is built (before the first ``fit``), as with
+        ``exclude_from_weight_decay``. Each call replaces the previous exclusions.
+        Once the optimizer is built, its config records which variables are
+        unanchored (by their position in the variable list, as Keras saves the
+        optimizer's variables), so a model reloaded with ``keras.saving.load_model``
+        keeps them.
+
+        Args:
+            var_list: variables to exclude, for example ``model.get_layer("head").weights``.
+            var_names: strings; a variable whose name or path contains any of them is
+                excluded (``["head"]`` matches every weight of a layer named ``head``).
+        """
+        if self.built:
+            raise ValueError(
+                "`exclude_from_anchor()` must be called before the optimizer is built "
+                "(before the first `fit` or `apply_gradients`): the anchors are made in `build()`."
+            )
+        self._anchor_excluded_keys = {self._var_key(v) for v in (var_list or ())}
+        self._anchor_excluded_names = tuple(str(n) for n in (var_names or ()))
+        self._anchor_excluded_indices = set()
+
+    def anchor_mode(self, variable) -> str | None:
+        """``"init"``, ``"zero"`` or ``None`` (unanchored) for a model variable."""
+        if self.built and self._var_key(variable) in self._trainable_variables_indices:
+            return self._modes[self._get_variable_index(variable)]
+        return None if self._excluded(variable) else self.anchor
+
+    def _excluded(self, variable, index=None):
+        path = getattr(variable, "path", None) or variable.name
+        return (
+            index in self._anchor_excluded_indices
+            or self._var_key(variable) in self._anchor_excluded_keys
+            or any(n in variable.name or n in path for n in self._anchor_excluded_names)
+        )
+
+    def _slot(self, variable, name, shape=None, dtype=None, initializer="zeros"):
+        """An optimizer variable for ``variable``, named as ``add_variable_from_reference`` names it."""
+        if shape is None and dtype is None and initializer == "zeros":
+            return self.add_variable_from_reference(variable, name=name)
+        prefix = getattr(variable, "path", None) or str(variable.name).replace(":", "_")
+        return self.add_variable(
+            shape=variable.shape if shape is None else shape,
+            initializer=initializer,
+            dtype=variable.dtype if dtype is None else dtype,
+            name=f"{prefix.replace('/', '_')}_{name}",
+        )
+
+    def build(self, var_list):
+        """Make the state of every variable: its step count, its anchor, and the method's slots."""
+        if self.built:
+            return
+        super().build(var_list)
+        self._modes, self._steps, self._anchors = [], [], []
+        for index, variable in enumerate(var_list):
+            used = not self._overwrite_variable_with_gradient(variable)
+            mode = None if not used or self._excluded(variable, index) else self.anchor
+            self._modes.append(mode)
+            # Each variable counts its own steps (ALGORITHMS.md §0): one whose gradient
+            # is None in a step is filtered out by the base class and must not advance,
+            # which `self.iterations + 1` would get wrong.
+            self._steps.append(self._slot(variable, "step", shape=(), dtype="int") if used else None)
+            anchor = None
+            if mode == "init":
+                anchor = self._slot(variable, "anchor", initializer=_copy_initializer(variable))
+            self._anchors.append(anchor)
+        self._build_slots(var_list)
+
+    def _build_slots(self, var_list):
+        raise NotImplementedError
+
+    def _build_ftp_slots(self, var_list):
+        """FTP's radius (γ, m_γ, v_γ: 0-d, at least float32), c_prev and s_prev per anchored variable."""
+        self._ftp = []
+        for variable, mode in zip(var_list, self._modes):
+            if mode is None:
+                self._ftp.append(None)
+                continue
+            scalar = core.radius_dtype(variable.dtype, xp=_xp)
+            self._ftp.append(
+                core.FTPState(
+                    radius=self._slot(variable, "radius", shape=(), dtype=scalar),
+                    radius_exp_avg=self._slot(variable, "radius_exp_avg", shape=(), dtype=scalar),
+                    radius_exp_avg_sq=self._slot(variable, "radius_exp_avg_sq", shape=(), dtype=scalar),
+                    prev_displacement=self._slot(variable, "prev_displacement"),
+                    prev_inv_norm=self._slot(variable, "prev_inv_norm", shape=_mars_shape(variable.shape)),
+                )
+            )
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        with _no_grad():
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One step of one variable: base direction, then the method's constraint if anchored."""
+        index = self._get_variable_index(variable)
+        # At least float32: a bfloat16/float16 variable and its state are stored in
+        # their dtype and stepped in float32 (TensorFlow does not promote mixed dtypes).
+        dtype = _xp.result_type(variable.dtype, _xp.float32)
+        lr = ops.cast(learning_rate, dtype)
+        grad = ops.cast(_dense(gradient), dtype)
+        param = _read(variable, dtype)
+        step = ops.convert_to_tensor(self._steps[index]) + 1
+        direction = self._direction(index, grad, param, step, lr)
+        mode = self._modes[index]
+        if mode is None:
+            new_param = param - direction
+        else:
+            anchor = _read(self._anchors[index], dtype) if mode == "init" else None
+            new_param = self._constrain(index, param, direction, anchor, grad, step)
+        self.assign(self._steps[index], step)
+        self.assign(variable, new_param)
+
+    def _direction(self, index, grad, param, step, lr):
+        raise NotImplementedError
+
+    def _constrain(self, index, param, direction, anchor, grad, step):
+        raise NotImplementedError
+
+    def _ftp_constrain(self, index, param, direction, anchor, grad, step):
+        slots = self._ftp[index]
+        state = core.FTPState(*(_read(s, grad.dtype) for s in slots))
+        new_param, new_state = core.ftp_project(param, direction, anchor, grad, state, step, k=self.k, xp=_xp)
+        for slot, value in zip(slots, new_state):
+            self.assign(slot, value)
+        return new_param
+
+    def get_config(self):
+        config = super().get_config()
+        config["anchor"] = self.anchor
+        # Variables themselves cannot go in a config; once built, their positions can
+        # (`load_model` rebuilds on the same variable list, as the optimizer's own
+        # variables are saved by position too).
+        indices = sorted(self._anchor_excluded_indices)
+        if self.built:
+            indices = [i for i, mode in enumerate(self._modes) if mode is None]
+        if indices or self._anchor_excluded_names:
+            config["anchor_exclusions"] = {
+                "var_names": list(self._anchor_excluded_names),
+                "var_indices": indices,
+            }
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        exclusions = config.pop("anchor_exclusions", None)
+        optimizer = super().from_config(config, custom_objects=custom_objects)
+        if exclusions:
+            optimizer._anchor_excluded_names = tuple(exclusions.get("var_names", ()))
+            optimizer._anchor_excluded_indices = set(exclusions.get("var_indices", ()))
+        return optimizer
+
+
+class _AdamBase(_AnchoredOptimizer):
+    """Adam's hyperparameters, slots and direction (PyTorch's form, ALGORITHMS.md §3)."""
+
+    def __init__(self, learning_rate, beta_1, beta_2, epsilon, amsgrad, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1 = _check("beta_1", beta_1, 0.0, 1.0, high_open=True)
+        self.beta_2 = _check("beta_2", beta_2, 0.0, 1.0, high_open=True)
+        self.epsilon = _check("epsilon", epsilon, 0.0, float("inf"))
+        if not isinstance(amsgrad, bool):
+            raise ValueError(f"`amsgrad` must be a bool, got {amsgrad!r}")
+        self.amsgrad = amsgrad
+
+    def _build_adam_slots(self, var_list):
+        self._momentums, self._velocities = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        self._velocity_hats = [None] * len(var_list)
+        if self.amsgrad:
+            self._velocity_hats = self.add_optimizer_variables(var_list, "velocity_hat")
+
+    def _direction(self, index, grad, param, step, lr, weight_decay=0.0):
+        slots = (self._momentums[index], self._velocities[index], self._velocity_hats[index])
+        state = core.AdamState(*(None if s is None else _read(s, grad.dtype) for s in slots))
+        direction, new_state = core.adam_direction(
+            grad,
+            state,
+            step,
+            lr=lr,
+            beta1=self.beta_1,
+            beta2=self.beta_2,
+            eps=self.epsilon,
+            amsgrad=self.amsgrad,
+            weight_decay=weight_decay,
+            param=param,
+            xp=_xp,
+        )
+        for slot, value in zip(slots, new_state):
+            if slot is not None:
+                self.assign(slot, value)
+        return direction
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon, amsgrad=self.amsgrad)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tether")
+class AdamFTP(_AdamBase):
+    r"""Adam with Fast Trainable Projection (FTP).
+
+    Tian et al., "Fast Trainable Projection for Robust Fine-Tuning", NeurIPS 2023.
+    Each anchored variable keeps its displacement from the anchor $\theta_0$
+    inside a per-row (MARS) ball whose radius $\gamma$ is learned online by a
+    small Adam of its own on $\partial L / \partial \gamma$:
+
+    $$
+    \begin{aligned}
+    d &= \text{Adam}(g) + lr \cdot wd \cdot \theta \qquad
+    c = (\theta - d) - \theta_0 \qquad n = \operatorname{MARS}(c) + 10^{-8} \\
+    \nabla\gamma &= \textstyle\sum \operatorname{rowdot}(g, c_{prev}) \odot s_{prev}
+    \quad (\times k \text{ when positive}) \\
+    \gamma &\leftarrow \operatorname{clip}(\gamma - \text{AdamUtil}(\nabla\gamma),
+    10^{-8}, \max n) \qquad
+    \theta \leftarrow \theta_0 + \operatorname{clip}(\gamma / n, 0, 1) \odot c
+    \end{aligned}
+    $$
+
+    with Adam in PyTorch's form,
+    $\text{Adam}(g) = \frac{lr}{1 - \beta_1^t} \cdot \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}$.
+    On a variable's first step $\gamma = 10^{-8}$, so it stays at its anchor;
+    the radius grows from the second step on. Unanchored variables take
+    $\theta \leftarrow \theta - d$.
+
+    ``epsilon`` defaults to ``1e-8`` (Keras's ``Adam`` uses ``1e-7`` and places it
+    differently) so that the same numbers come out as tether's PyTorch and JAX
+    optimizers and the authors' code. The anchor is taken when the optimizer is
+    built (the first ``fit``): load the pre-trained weights before that.
+
+    Args:
+        learning_rate: a float, a ``keras.optimizers.schedules.LearningRateSchedule``
+            or a callable taking no arguments.
+        beta_1: decay rate of the first moment, in ``[0, 1)``.
+        beta_2: decay rate of the second moment, in ``[0, 1)``.
+        epsilon: added to the bias-corrected $\sqrt{v}$ (PyTorch's placement).
+        weight_decay: decoupled decay $wd$, inside the direction, so that it is
+            projected too. Keras's own ``weight_decay`` mechanism is not used.
+        amsgrad: use $\max(v^*, v)$ in place of $v$.
+        k: in ``[0, 1]``; positive radius gradients (which would shrink
+            $\gamma$) are multiplied by ``k``.
+        anchor: ``"init"`` (the weights when the optimizer is built) or ``"zero"``
+            (pull toward zero, for PEFT/LoRA adapters).
+        **kwargs: the base optimizer's arguments (``clipnorm``, ``global_clipnorm``,
+            ``clipvalue``, ``use_ema``, ``loss_scale_factor``,
+            ``gradient_accumulation_steps``, ``name``, ...).
+    """
+
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        k: float = 1.0,
+        anchor: str = "init",
+        **kwargs: Any,
+    ):
+        super().__init__(
+            learning_rate,
+            beta_1,
+            beta_2,
+            epsilon,
+            amsgrad,
+            weight_decay=weight_decay,
+            anchor=anchor,
+            **kwargs,
+        )
+        self.k = _check("k", k, 0.0, 1.0)
+
+    def _build_slots(self, var_list):
+        self._build_adam_slots(var_list)
+        self._build_ftp_slots(var_list)
+
+    def _direction(self, index, grad, param, step, lr):
+        return super()._direction(index, grad, param, step, lr, weight_decay=self.weight_decay)
+
+    _constrain = _AnchoredOptimizer._ftp_constrain
+
+    def get_config(self):
+        config = super().get_config()
+        config["k"] = self.k
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tether")
+class SGDFTP(_AnchoredOptimizer):
+    r"""SGD with Fast Trainable Projection (FTP).
+
+    Tian et al., "Fast Trainable Projection for Robust Fine-Tuning", NeurIPS 2023.
+    The base step is SGD in PyTorch's form (coupled decay, momentum buffer set to
+    the first step's update):
+
+    $$
+    \begin{aligned}
+    u &= g + wd \cdot \theta \qquad
+    b = u \text{ (first step)}, \; b \leftarrow \mu b + (1 - \tau) u \qquad
+    u \leftarrow u + \mu b \text{ (nesterov) else } b \qquad d = lr \cdot u
+    \end{aligned}
+    $$
+
+    then, for each anchored variable, FTP's projection as in `AdamFTP`:
+    $c = (\theta - d) - \theta_0$, the radius $\gamma$ updated by its own
+    Adam, $\theta \leftarrow \theta_0 + \operatorname{clip}(\gamma / n, 0, 1) \odot c$.
+    Unanchored variables take $\theta \leftarrow \theta - d$.
+
+    Args:
+        learning_rate: a float, a ``LearningRateSchedule`` or a callable.
+        momentum: $\mu \ge 0$; no momentum buffer is kept when it is 0.
+        dampening: $\tau$, in ``[0, 1]``.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        weight_decay: coupled L2 decay $wd$ added to the gradient.
+        k: in ``[0, 1]``; positive radius gradients are multiplied by ``k``.
+        anchor: ``"init"`` or ``"zero"``.
+        **kwargs: the base optimizer's arguments.
+    """
+
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.01,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        k: float = 1.0,
+        anchor: str = "init",
+        **kwargs: Any,
+    ):
+        super().__init__(learning_rate, weight_decay=weight_decay, anchor=anchor, **kwargs)
+        self.momentum = _check("momentum", momentum, 0.0, float("inf"))
+        self.dampening = _check("dampening", dampening, 0.0, 1.0)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"`nesterov` must be a bool, got {nesterov!r}")
+        if nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ValueError("Nesterov momentum needs `momentum > 0` and `dampening == 0`")
+        self.nesterov = nesterov
+        self.k = _check("k", k, 0.0, 1.0)
+
+    def _build_slots(self, var_list):
+        self._momentums = [None] * len(var_list)
+        if self.momentum != 0:
+            self._momentums = self.add_optimizer_variables(var_list, "momentum")
+        self._build_ftp_slots(var_list)
+
+    def _direction(self, index, grad, param, step, lr):
+        slot = self._momentums[index]
+        state = core.SGDState(None if slot is None else _read(slot, grad.dtype))
+        direction, new_state = core.sgd_direction(
+            grad,
+            param,
+            state,
+            step,
+            lr=lr,
+            momentum=self.momentum,
+            dampening=self.dampening,
+            weight_decay=self.weight_decay,
+            nesterov=self.nesterov,
+            xp=_xp,
+        )
+        if slot is not None:
+            self.assign(slot, new_state.momentum_buffer)
+        return direction
+
+    _constrain = _AnchoredOptimizer._ftp_constrain
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov, k=self.k)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tether")
+class AdamSPD(_AdamBase):
+    r"""Adam with Selective Projection Decay (SPD).
+
+    Tian et al., "Rethinking Weight Decay for Robust Fine-Tuning of Foundation
+    Models", NeurIPS 2024. After Adam's step $\tilde\theta = \theta - d$ (no
+    decay term), an anchored variable whose gradient pushes it away from its anchor
+    is decayed toward the anchor, by how much this step moved it away:
+
+    $$
+    \begin{aligned}
+    c &= -\langle g, \theta - \theta_0 \rangle \qquad
+    r = \operatorname{clip}\Big(\frac{\|\tilde\theta - \theta_0\|_2
+    - \|\theta - \theta_0\|_2}{\|\tilde\theta - \theta_0\|_2}, 0, 1\Big) \\
+    \theta &\leftarrow \tilde\theta - \lambda \, r \, (\tilde\theta - \theta_0)
+    \text{ if } c < 0 \text{, else } \tilde\theta
+    \end{aligned}
+    $$
+
+    $\lambda$ is ``weight_decay``, not multiplied by the learning rate.
+    Unanchored variables take the plain Adam step with no decay at all (give a new
+    head ``anchor="zero"`` through a second optimizer to decay it toward zero).
+
+    ``epsilon`` defaults to ``1e-8`` (Keras's ``Adam`` uses ``1e-7`` and places it
+    differently) so that the same numbers come out as tether's PyTorch and JAX
+    optimizers and the authors' code. The anchor is taken when the optimizer is
+    built (the first ``fit``): load the pre-trained weights before that.
+
+    Args:
+        learning_rate: a float, a ``LearningRateSchedule`` or a callable.
+        beta_1: decay rate of the first moment, in ``[0, 1)``.
+        beta_2: decay rate of the second moment, in ``[0, 1)``.
+        epsilon: added to the bias-corrected $\sqrt{v}$ (PyTorch's placement).
+        weight_decay: $\lambda \ge 0$, the strength of the selective decay.
+        amsgrad: use $\max(v^*, v)$ in place of $v$.
+        anchor: ``"init"`` (the weights when the optimizer is built) or ``"zero"``.
+        **kwargs: the base optimizer's arguments.
+    """
+
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        anchor: str = "init",
+        **kwargs: Any,
+    ):
+        super().__init__(
+            learning_rate,
+            beta_1,
+            beta_2,
+            epsilon,
+            amsgrad,
+            weight_decay=weight_decay,
+            anchor=anchor,
+            **kwargs,
+        )
+
+    def _build_slots(self, var_list):
+        self._build_adam_slots(var_list)
+
+    def _constrain(self, index, param, direction, anchor, grad, step):
+        return core.spd_step(param, direction, anchor, grad, self.weight_decay, xp=_xp)
