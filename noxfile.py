@@ -17,8 +17,6 @@ KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = False
-# The sessions that `nox` runs by default (the README's test command and CI).
-nox.options.sessions = ["tests-core", "lint", "docs"]
 
 
 def install(session, *extras):
