@@ -37,6 +37,14 @@ def _compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+def _evaluate(closure):
+    """The loss of `step(closure)`: the closure re-evaluates the model with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _number(owner, name, value, low, high=None, *, high_open=False):
     """Check that a hyperparameter is a real number in ``[low, high]`` (or ``[low, high)``)."""
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -201,10 +209,7 @@ class _Fused(_Anchored):
         Returns:
             The closure's loss, or ``None``.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group, params, grads in self._gather():
             for bucket_params, bucket_grads in self._buckets(params, grads):
                 states = [self.state[p] for p in bucket_params]
@@ -588,10 +593,7 @@ class FTP(_Wrapper):
         Returns:
             The closure's loss, or ``None``.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         self._adopt_groups()
         pending = []
         for group, params, grads in self._gather():
@@ -665,10 +667,7 @@ class SPD(_Wrapper):
         Returns:
             The closure's loss, or ``None``.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         self._adopt_groups()
         work = self._gather()
         for group in self.param_groups:

@@ -14,63 +14,28 @@ def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+FUSED = {"adam_ftp": tt.AdamFTP, "sgd_ftp": tt.SGDFTP, "adam_spd": tt.AdamSPD}
+
+
 def build(case, params):
-    """The case's optimizer over named parameters, one group per anchor mode."""
+    """The case's optimizer over named parameters: one group of anchored tensors, one of free ones."""
     anchored = [p for n, p in params.items() if n not in case.unanchored]
     free = [p for n, p in params.items() if n in case.unanchored]
-    if case.wrapper:  # the wrappers anchor every parameter they see the same way
-        groups = [{"params": anchored}] + ([{"params": free, "anchor": None}] if free else [])
-    else:
-        groups = [{"params": anchored, "anchor": case.anchor}] + (
-            [{"params": free, "anchor": None}] if free else []
-        )
+    # the wrappers take the group key "anchor" too; the fused classes take the case's hyperparameters
+    groups = [{"params": anchored, "anchor": case.anchor}] + (
+        [{"params": free, "anchor": None}] if free else []
+    )
     h = full_hparams(case)
-    if case.wrapper == "ftp" and case.kind == "adam_ftp":
-        inner = torch.optim.AdamW(
-            groups, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"]
-        )
-        return tt.FTP(inner, k=h["k"])
-    if case.wrapper == "ftp":
-        inner = torch.optim.SGD(
-            groups,
-            lr=h["lr"],
-            momentum=h["momentum"],
-            dampening=h["dampening"],
-            weight_decay=h["weight_decay"],
-            nesterov=h["nesterov"],
-        )
-        return tt.FTP(inner, k=h["k"])
+    if case.wrapper is None:
+        return FUSED[case.kind](groups, **h)
     if case.wrapper == "spd":
         inner = torch.optim.Adam(groups, lr=h["lr"], betas=h["betas"], eps=h["eps"], amsgrad=h["amsgrad"])
         return tt.SPD(inner, weight_decay=h["weight_decay"])
-    if case.kind == "adam_ftp":
-        return tt.AdamFTP(
-            groups,
-            lr=h["lr"],
-            betas=h["betas"],
-            eps=h["eps"],
-            weight_decay=h["weight_decay"],
-            amsgrad=h["amsgrad"],
-            k=h["k"],
-        )
-    if case.kind == "sgd_ftp":
-        return tt.SGDFTP(
-            groups,
-            lr=h["lr"],
-            momentum=h["momentum"],
-            dampening=h["dampening"],
-            weight_decay=h["weight_decay"],
-            nesterov=h["nesterov"],
-            k=h["k"],
-        )
-    return tt.AdamSPD(
-        groups,
-        lr=h["lr"],
-        betas=h["betas"],
-        eps=h["eps"],
-        weight_decay=h["weight_decay"],
-        amsgrad=h["amsgrad"],
-    )
+    k = h.pop("k")
+    if case.kind == "adam_ftp":  # AdamW's decoupled decay is Adam-FTP's wd term
+        h.pop("amsgrad")
+        return tt.FTP(torch.optim.AdamW(groups, **h), k=k)
+    return tt.FTP(torch.optim.SGD(groups, **h), k=k)
 
 
 def _mlp_loss(problem, params, dtype, device):
