@@ -50,7 +50,8 @@ def project(displacement, radius, norm=None, *, xp=None):
     xp = namespace(xp, displacement, radius, norm)
     if norm is None:
         norm = mars_norm(displacement, xp=xp)
-    # a zero-norm row is a zero row: any scale leaves it, so divide by 1 there, not 0
-    safe = xp.where(norm > 0, norm, xp.ones_like(norm))
-    scale = xp.clip(radius / safe, 0.0, 1.0)
+    # divide only where the row is outside the ball: no 0/0 for a zero row, no overflow for a tiny one
+    outside = norm > radius
+    one = xp.ones_like(norm)
+    scale = xp.where(outside, radius / xp.where(outside, norm, one), one)
     return xp.astype(scale * displacement, displacement.dtype, copy=False)
