@@ -1,6 +1,7 @@
 """The `tether` command line (also `python -m tether`).
 
 tether parity    the cross-framework equivalence run
+tether bench     the step cost of tether's optimizers against each framework's own
 """
 
 import argparse
@@ -13,7 +14,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="tether", description="tether: robust fine-tuning optimizers.")
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import parity
+    from . import bench, parity
 
     parity.add_arguments(
         commands.add_parser(
@@ -23,9 +24,19 @@ def main(argv=None):
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    bench.add_arguments(
+        commands.add_parser(
+            "bench",
+            help="time tether's optimizers against each framework's AdamW and SGD",
+            description=bench.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "parity":
         return parity.main(args)
+    if args.command == "bench":
+        return bench.main(args)
     parser.print_help()
     return 0
 

@@ -1,0 +1,188 @@
+"""Step time and state memory of tether's torch optimizers against torch.optim's foreach baselines.
+
+ViT-B/16-shaped parameters (150 tensors, 85.8M values, float32, random gradients). Each
+optimizer has its own copy of the parameters; the steps are interleaved (one step of each,
+in turn, ``--repeats`` times) so that the noise of a shared machine hits all alike, and the
+table reports the median time per step (wall clock, and the process's CPU time, which a
+busy shared machine disturbs less) and the median over rounds of its ratio to the
+baseline's step in the same round.
+
+    python benchmarks/bench_torch.py            # the full ViT-B/16 shapes (about 6 GB of memory)
+    python benchmarks/bench_torch.py --quick    # 2 blocks of width 256: a smoke check
+    python benchmarks/bench_torch.py --device cuda
+
+`measure` gives the same figures as rows for `tether bench`.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from tether.adapters.torch import SGDFTP, AdamFTP, AdamSPD
+
+#: The two families, each a dict whose first entry is the baseline of the others.
+ADAM = {
+    "torch AdamW(foreach)": lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01, foreach=True),
+    "AdamSPD": lambda p: AdamSPD(p, lr=1e-4, weight_decay=1.0),
+    "AdamFTP": lambda p: AdamFTP(p, lr=1e-4, weight_decay=0.01),
+}
+SGD = {
+    "torch SGD(momentum=0.9, foreach)": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True),
+    "SGDFTP": lambda p: SGDFTP(p, lr=1e-2, momentum=0.9),
+}
+
+
+def vit_shapes(depth=12, width=768, mlp=3072, patch=16, tokens=197):
+    """The parameter shapes of a ViT-B/16 backbone (no classification head)."""
+    shapes = [(width, 3, patch, patch), (width,), (1, 1, width), (1, tokens, width)]
+    for _ in range(depth):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (mlp, width), (mlp,), (width, mlp), (width,)]
+    return [*shapes, (width,), (width,)]
+
+
+def shapes_for(quick):
+    return vit_shapes(depth=2, width=256, mlp=1024) if quick else vit_shapes()
+
+
+def make_params(shapes, grads, device):
+    params = []
+    for shape, g in zip(shapes, grads, strict=True):
+        p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def state_bytes(opt):
+    """The bytes of every tensor in ``opt.state`` (step counts included)."""
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(builders, shapes, device, repeats, warmup):
+    """``{name: (median wall s, wall ratio, median CPU s, CPU ratio, state bytes)}``.
+
+    The ratios are to the first of ``builders``: the median over rounds of the per-round ratio.
+    """
+    grads = [torch.randn(s, device=device) * 1e-3 for s in shapes]
+    opts = {name: build(make_params(shapes, grads, device)) for name, build in builders.items()}
+    wall = {name: [] for name in opts}
+    cpu = {name: [] for name in opts}
+    for _ in range(warmup):
+        for opt in opts.values():
+            opt.step()
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            opt.step()
+            sync(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    base = next(iter(opts))
+    result = {}
+    for name in opts:
+        # the ratio to the baseline's step of the same round, then the median over rounds:
+        # a shared machine's load drifts between rounds far more than within one
+        wall_ratio = statistics.median(a / b for a, b in zip(wall[name], wall[base], strict=True))
+        cpu_ratio = statistics.median(a / b for a, b in zip(cpu[name], cpu[base], strict=True))
+        result[name] = (
+            statistics.median(wall[name]),
+            wall_ratio,
+            statistics.median(cpu[name]),
+            cpu_ratio,
+            state_bytes(opts[name]),
+        )
+    del opts
+    return result
+
+
+# --- for `tether bench` ---------------------------------------------------------------------------------
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 2) -> list[dict]:
+    """One row per tether optimizer against its torch.optim baseline (see `tether bench`)."""
+    shapes = shapes_for(quick)
+    repeats = repeats or (5 if quick else 9)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    rows = []
+    for builders in (ADAM, SGD):
+        result = run(builders, shapes, torch.device(device), repeats, warmup)
+        base = next(iter(builders))
+        for name, (seconds, ratio, cpu_seconds, cpu_ratio, nbytes) in result.items():
+            if name == base:
+                continue
+            rows.append(
+                {
+                    "backend": "torch",
+                    "device": device,
+                    "optimizer": name,
+                    "baseline": base,
+                    "ms": seconds * 1e3,
+                    "baseline_ms": result[base][0] * 1e3,
+                    "ratio": ratio,
+                    "ratio_kind": "median of per-round ratios",
+                    "state_bytes_per_param": nbytes / n,
+                    "baseline_state_bytes_per_param": result[base][4] / n,
+                    "cpu_ms": cpu_seconds * 1e3,
+                    "cpu_ratio": cpu_ratio,
+                    "params": n,
+                    "repeats": repeats,
+                    "threads": torch.get_num_threads(),
+                }
+            )
+    return rows
+
+
+# --- the script (benchmarks/bench_torch.py) -----------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 blocks of width 256 (a smoke check)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (on a shared machine, 1 avoids OpenMP barrier stalls that dwarf the work)",
+    )
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = shapes_for(args.quick)
+    repeats = args.repeats or (5 if args.quick else 9)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    print(
+        f"{len(shapes)} tensors, {n / 1e6:.1f}M parameters, float32, {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {repeats} interleaved steps"
+    )
+    print("| optimizer | wall (ms) | wall vs base | CPU (ms) | CPU vs base | state (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for builders in (ADAM, SGD):
+        result = run(builders, shapes, device, repeats, args.warmup)
+        for name, (seconds, wall_ratio, cpu_seconds, cpu_ratio, nbytes) in result.items():
+            print(
+                f"| {name} | {seconds * 1e3:.1f} | {wall_ratio:.2f}x | {cpu_seconds * 1e3:.1f} "
+                f"| {cpu_ratio:.2f}x | {nbytes / 2**20:.0f} |"
+            )
+    return 0

@@ -1,0 +1,211 @@
+"""`tether bench`: the step cost of tether's optimizers against each framework's own, as one table.
+
+For every installed backend (PyTorch; JAX/optax; Keras on each installed
+backend) and every device it sees (`--device`; by default the CPU and a GPU
+where there is one), time tether's optimizers against the framework's own AdamW
+and SGD with momentum 0.9, interleaving the runs so that a change in the
+machine's load hits all alike, and count the optimizer state's bytes per
+parameter. What is timed:
+
+- torch: `optimizer.step()` on ViT-B/16-shaped parameters against
+  `torch.optim.AdamW` / `SGD` (foreach); the ratio is the median over
+  rounds of the per-round ratio;
+- jax: the jitted, donated `update` + `optax.apply_updates` on ViT-B/16-shaped
+  parameters against `optax.adamw` / `optax.sgd`; the ratio of the medians;
+- keras/*: a whole `model.fit` step of an MLP against `keras.optimizers.AdamW`
+  / `SGD`; the ratio of the medians.
+
+Each backend runs in its own subprocess (`KERAS_BACKEND` is fixed at import),
+which streams its rows back as JSON lines. `--quick` is a smoke check (small
+shapes, few repeats); the figures worth quoting come from a full run on a quiet
+machine. The same code runs as `python benchmarks/bench_{torch,jax,keras}.py`.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+from .parity import GPU_NAMES, _emit, _wanted
+
+#: Backend name -> (the modules it needs, extra environment, the benchmark module).
+BACKENDS = {
+    "torch": (("torch",), {}, "tether._bench_torch"),
+    "jax": (("jax", "optax"), {}, "tether._bench_jax"),
+    "keras/tensorflow": (("keras", "tensorflow"), {"KERAS_BACKEND": "tensorflow"}, "tether._bench_keras"),
+    "keras/jax": (("keras", "jax"), {"KERAS_BACKEND": "jax"}, "tether._bench_keras"),
+    "keras/torch": (("keras", "torch"), {"KERAS_BACKEND": "torch"}, "tether._bench_keras"),
+}
+COLUMNS = (
+    ("backend", "backend"),
+    ("device", "device"),
+    ("optimizer", "optimizer"),
+    ("baseline", "baseline"),
+    ("ms", "ms"),
+    ("baseline ms", "baseline_ms"),
+    ("ratio", "ratio"),
+    ("state B/param", "state_bytes_per_param"),
+    ("baseline state B/param", "baseline_state_bytes_per_param"),
+)
+
+
+def installed(backend):
+    return all(importlib.util.find_spec(m) is not None for m in BACKENDS[backend][0])
+
+
+# --- the worker: one backend, in its own process ----------------------------------------------------
+
+
+def worker(backend, device_filter, quick):
+    """Measure on every wanted device of one backend; print one JSON line per row."""
+    import importlib
+
+    module = importlib.import_module(BACKENDS[backend][2])
+    devices = [d for d in module.devices() if _wanted(d, device_filter)]
+    _emit({"devices": devices})
+    failed = False
+    for device in devices:
+        try:
+            for row in module.measure(quick, device):
+                _emit({**row, "backend": backend})
+        except Exception as exc:  # reported, and the other devices still run
+            failed = True
+            _emit({"backend": backend, "device": device, "error": f"{type(exc).__name__}: {exc}"})
+            traceback.print_exc()
+    return 1 if failed else 0
+
+
+# --- the orchestrator ---------------------------------------------------------------------------------
+
+
+def run_backend(backend, device_filter, quick):
+    """Run one backend's worker in a subprocess; return (rows, devices, error or None)."""
+    env = {**os.environ, **BACKENDS[backend][1], "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tether", "bench", "--worker", backend, "--device", device_filter]
+    cmd += ["--quick"] * quick
+    rows, devices, other, errors = [], [], [], []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if not line.startswith("@@"):
+            other.append(line)
+            continue
+        obj = json.loads(line[2:])
+        if "devices" in obj:
+            devices = obj["devices"]
+        elif "error" in obj:
+            errors.append(f"{obj['device']}: {obj['error']}")
+        else:
+            rows.append(obj)
+    code = proc.wait()
+    error = None
+    if code != 0 or errors:
+        error = "\n".join([f"worker exited with status {code}", *errors, "".join(other[-20:]).rstrip()])
+    return rows, devices, error
+
+
+def _number(value, digits):
+    if value is None:
+        return "-"
+    return f"{value:.{digits + 1 if abs(value) < 10 else digits}f}"
+
+
+def format_table(rows):
+    cells = [tuple(title for title, _ in COLUMNS)]
+    for r in rows:
+        cells.append(
+            (
+                r["backend"],
+                r["device"],
+                r["optimizer"],
+                r["baseline"],
+                _number(r.get("ms"), 1),
+                _number(r.get("baseline_ms"), 1),
+                "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x",
+                _number(r.get("state_bytes_per_param"), 1),
+                _number(r.get("baseline_state_bytes_per_param"), 1),
+            )
+        )
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(COLUMNS))]
+    right = {"ms", "baseline ms", "ratio", "state B/param", "baseline state B/param"}
+    lines = [
+        "  ".join(
+            str(c).rjust(w) if title in right else str(c).ljust(w)
+            for c, w, (title, _) in zip(row, widths, COLUMNS)
+        ).rstrip()
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+NOTES = (
+    "ms: median time per step (torch, jax: the optimizer step alone; keras: a whole model.fit step).\n"
+    "ratio: torch, the median over interleaved rounds of the per-round ratio; jax and keras, the ratio of "
+    "the medians.\nstate B/param: the optimizer state's bytes divided by the number of parameters "
+    "(float32 parameters take 4)."
+)
+
+
+def main(args):
+    if args.worker:
+        return worker(args.worker, args.device, args.quick)
+    wanted = args.backends.split(",") if args.backends else list(BACKENDS)
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        print(f"tether bench: unknown backend(s) {unknown}; choose from {list(BACKENDS)}", file=sys.stderr)
+        return 2
+    rows, status, errors = [], {}, []
+    start = time.perf_counter()
+    for backend in wanted:
+        if not installed(backend):
+            status[backend] = "skipped (not installed)"
+            print(f"{backend}: skipped, not installed ({', '.join(BACKENDS[backend][0])})", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        found, devices, error = run_backend(backend, args.device, args.quick)
+        rows += found
+        if error:
+            status[backend] = "crashed"
+            errors.append((backend, error))
+        else:
+            status[backend] = "measured" if found else "no device"
+        print(
+            f"{backend}: {len(found)} rows on {devices or 'no matching device'}"
+            f"{', CRASHED' if error else ''} ({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+        )
+    print(format_table(rows) if rows else "(no rows)")
+    print("\n" + NOTES)
+    for backend, error in errors:
+        print(f"\nERROR {backend}:\n{error}")
+    if args.device != "cpu" and not any(r["device"] in GPU_NAMES for r in rows):
+        what = "nothing measured on GPU" if args.device == "gpu" else "CPU figures only"
+        print(f"\ntether bench: no GPU found on any installed backend; {what}.")
+    print(
+        f"\n{len(rows)} rows ({time.perf_counter() - start:.0f} s; "
+        + ", ".join(f"{b}: {s}" for b, s in status.items())
+        + ")"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"quick": args.quick, "device": args.device, "backends": status, "rows": rows}, f, indent=1
+            )
+    return 1 if errors else 0
+
+
+def add_arguments(parser):
+    parser.add_argument("--backends", help=f"comma-separated subset of {', '.join(BACKENDS)} (default: all)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu", "all"),
+        default="all",
+        help="which devices to measure on (default: all, the CPU and a GPU where there is one)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke check")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
