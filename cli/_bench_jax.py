@@ -135,14 +135,6 @@ def setup(quick, device=None):
 # --- for `tether bench` ---------------------------------------------------------------------------------
 
 
-def devices():
-    platforms = []
-    for device in jax.devices():
-        if device.platform not in platforms:
-            platforms.append(device.platform)
-    return (["cpu"] if "cpu" not in platforms else []) + platforms
-
-
 def measure(quick: bool, device: str, repeats: int | None = None, iters: int | None = None) -> list[dict]:
     """One row per tether transformation against its optax baseline (see `tether bench`).
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from ._workers import devices
+
 BACKENDS = ("tensorflow", "jax", "torch")
 #: (tether optimizer, Keras baseline, target ratio)
 PAIRS = (("AdamSPD", "AdamW", 1.3), ("AdamFTP", "AdamW", 1.6), ("SGDFTP", "SGD", 1.6))
@@ -96,32 +98,17 @@ def time_fit(quick, steps=None, repeats=None):
 # --- for `tether bench` ---------------------------------------------------------------------------------
 
 
-def devices():
-    import keras
-
-    backend, gpu = keras.backend.backend(), False
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-    elif backend == "jax":
-        import jax
-
-        gpu = any(d.platform == "gpu" for d in jax.devices())
-    elif backend == "torch":
-        import torch
-
-        gpu = torch.cuda.is_available()
-    return ["cpu"] + (["gpu"] if gpu else [])
-
-
 def measure(quick: bool, device: str, steps: int | None = None, repeats: int | None = None) -> list[dict]:
     """One row per tether optimizer against Keras's own (see `tether bench`): the ratio of the medians."""
     import keras
 
     # a device scope only where it changes something (a backend puts new tensors on its GPU when it
     # has one); under torch, keras.device("cpu:0") on a CPU-only machine leaves fit with no gradients
-    scope = contextlib.nullcontext() if device == devices()[-1] else keras.device(f"{device}:0")
+    scope = (
+        contextlib.nullcontext()
+        if device == devices(f"keras/{keras.backend.backend()}")[-1]
+        else keras.device(f"{device}:0")
+    )
     with scope:  # quick: 3 timed calls, not the script's 5, to keep `tether bench --quick` short
         r = time_fit(quick, steps, repeats or (3 if quick else None))
     return [

@@ -112,10 +112,6 @@ def run(builders, shapes, device, repeats, warmup):
 # --- for `tether bench` ---------------------------------------------------------------------------------
 
 
-def devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
 def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 2) -> list[dict]:
     """One row per tether optimizer against its torch.optim baseline (see `tether bench`)."""
     shapes = shapes_for(quick)

@@ -13,14 +13,6 @@ from tether.adapters import jax as tj  # noqa: E402
 from ._parity_cases import MLP, full_hparams  # noqa: E402
 
 
-def devices():
-    platforms = []
-    for device in jax.devices():
-        if device.platform not in platforms:
-            platforms.append(device.platform)
-    return (["cpu"] if "cpu" not in platforms else []) + platforms
-
-
 def build(case, names):
     h = full_hparams(case)
     mask = {n: n not in case.unanchored for n in names}

@@ -15,28 +15,12 @@ from keras import ops
 from tether.adapters import keras as tk
 
 from ._parity_cases import MLP, full_hparams
+from ._workers import devices
 
 
 def _default_device():
-    return devices()[-1]  # a backend puts new tensors on its GPU when it has one
-
-
-def devices():
-    backend = keras.backend.backend()
-    gpu = False
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-    elif backend == "jax":
-        import jax
-
-        gpu = any(d.platform == "gpu" for d in jax.devices())
-    elif backend == "torch":
-        import torch
-
-        gpu = torch.cuda.is_available()
-    return ["cpu"] + (["gpu"] if gpu else [])
+    """The device a backend puts new tensors on: its GPU when it has one."""
+    return devices(f"keras/{keras.backend.backend()}")[-1]
 
 
 def build(case):

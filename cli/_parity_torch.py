@@ -10,10 +10,6 @@ from ._parity_cases import MLP, full_hparams
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
 FUSED = {"adam_ftp": tt.AdamFTP, "sgd_ftp": tt.SGDFTP, "adam_spd": tt.AdamSPD}
 
 

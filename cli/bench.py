@@ -22,24 +22,14 @@ machine. The same code runs as `python benchmarks/bench_{torch,jax,keras}.py`.
 """
 
 import argparse
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 import traceback
 
-from .parity import GPU_NAMES, _emit, _wanted
+from ._workers import BACKENDS, GPU_NAMES, emit, installed, module_name, run_worker, wanted
+from ._workers import devices as all_devices
 
-#: Backend name -> (the modules it needs, extra environment, the benchmark module).
-BACKENDS = {
-    "torch": (("torch",), {}, "tether._bench_torch"),
-    "jax": (("jax", "optax"), {}, "tether._bench_jax"),
-    "keras/tensorflow": (("keras", "tensorflow"), {"KERAS_BACKEND": "tensorflow"}, "tether._bench_keras"),
-    "keras/jax": (("keras", "jax"), {"KERAS_BACKEND": "jax"}, "tether._bench_keras"),
-    "keras/torch": (("keras", "torch"), {"KERAS_BACKEND": "torch"}, "tether._bench_keras"),
-}
 COLUMNS = (
     ("backend", "backend"),
     ("device", "device"),
@@ -53,10 +43,6 @@ COLUMNS = (
 )
 
 
-def installed(backend):
-    return all(importlib.util.find_spec(m) is not None for m in BACKENDS[backend][0])
-
-
 # --- the worker: one backend, in its own process ----------------------------------------------------
 
 
@@ -64,17 +50,17 @@ def worker(backend, device_filter, quick):
     """Measure on every wanted device of one backend; print one JSON line per row."""
     import importlib
 
-    module = importlib.import_module(BACKENDS[backend][2])
-    devices = [d for d in module.devices() if _wanted(d, device_filter)]
-    _emit({"devices": devices})
+    module = importlib.import_module(module_name("bench", backend))
+    devices = [d for d in all_devices(backend) if wanted(d, device_filter)]
+    emit({"devices": devices})
     failed = False
     for device in devices:
         try:
             for row in module.measure(quick, device):
-                _emit({**row, "backend": backend})
+                emit({**row, "backend": backend})
         except Exception as exc:  # reported, and the other devices still run
             failed = True
-            _emit({"backend": backend, "device": device, "error": f"{type(exc).__name__}: {exc}"})
+            emit({"backend": backend, "device": device, "error": f"{type(exc).__name__}: {exc}"})
             traceback.print_exc()
     return 1 if failed else 0
 
@@ -84,26 +70,22 @@ def worker(backend, device_filter, quick):
 
 def run_backend(backend, device_filter, quick):
     """Run one backend's worker in a subprocess; return (rows, devices, error or None)."""
-    env = {**os.environ, **BACKENDS[backend][1], "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "tether", "bench", "--worker", backend, "--device", device_filter]
-    cmd += ["--quick"] * quick
-    rows, devices, other, errors = [], [], [], []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for line in proc.stdout:
-        if not line.startswith("@@"):
-            other.append(line)
-            continue
-        obj = json.loads(line[2:])
+    rows, devices, errors = [], [], []
+
+    def on_result(obj):
+        nonlocal devices
         if "devices" in obj:
             devices = obj["devices"]
         elif "error" in obj:
             errors.append(f"{obj['device']}: {obj['error']}")
         else:
             rows.append(obj)
-    code = proc.wait()
+
+    args = ["bench", "--worker", backend, "--device", device_filter, *(["--quick"] if quick else [])]
+    code, tail = run_worker(backend, args, on_result)
     error = None
     if code != 0 or errors:
-        error = "\n".join([f"worker exited with status {code}", *errors, "".join(other[-20:]).rstrip()])
+        error = "\n".join([f"worker exited with status {code}", *errors, tail])
     return rows, devices, error
 
 

@@ -10,28 +10,13 @@ results back as JSON lines.
 """
 
 import argparse
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 import traceback
 
-#: Backend name -> (the modules it needs, extra environment, the driver module).
-BACKENDS = {
-    "torch": (("torch",), {}, "tether._parity_torch"),
-    "jax": (("jax", "optax"), {}, "tether._parity_jax"),
-    "keras/tensorflow": (("keras", "tensorflow"), {"KERAS_BACKEND": "tensorflow"}, "tether._parity_keras"),
-    "keras/jax": (("keras", "jax"), {"KERAS_BACKEND": "jax"}, "tether._parity_keras"),
-    "keras/torch": (("keras", "torch"), {"KERAS_BACKEND": "torch"}, "tether._parity_keras"),
-}
-GPU_NAMES = ("cuda", "gpu")
-
-
-def installed(backend):
-    return all(importlib.util.find_spec(m) is not None for m in BACKENDS[backend][0])
-
+from ._workers import BACKENDS, emit, installed, module_name, run_worker, wanted
+from ._workers import devices as all_devices
 
 # --- the worker: one backend, in its own process ----------------------------------------------------
 
@@ -44,11 +29,11 @@ def worker(backend, device_filter, steps):
 
     from ._parity_cases import CASES, DTYPES, PROBLEMS, max_deviation, reference_trajectory, tolerance
 
-    driver = importlib.import_module(BACKENDS[backend][2])
-    devices = [d for d in driver.devices() if _wanted(d, device_filter)]
+    driver = importlib.import_module(module_name("parity", backend))
+    devices = [d for d in all_devices(backend) if wanted(d, device_filter)]
     problems = [cls(seed=0, steps=steps) for cls in PROBLEMS.values()]
     references = {(c.name, p.name): reference_trajectory(c, p) for c in CASES for p in problems}
-    _emit({"plan": len(devices) * len(CASES) * len(problems) * len(DTYPES), "devices": devices})
+    emit({"plan": len(devices) * len(CASES) * len(problems) * len(DTYPES), "devices": devices})
     for device in devices:
         for case in CASES:
             for dtype in DTYPES:
@@ -77,16 +62,7 @@ def worker(backend, device_filter, steps):
                             error=f"{type(exc).__name__}: {exc}",
                             traceback=traceback.format_exc(limit=4),
                         )
-                    _emit(record)
-
-
-def _wanted(device, device_filter):
-    is_gpu = device in GPU_NAMES
-    return device_filter == "all" or (device_filter == "gpu") == is_gpu
-
-
-def _emit(obj):
-    print("@@" + json.dumps(obj), flush=True)
+                    emit(record)
 
 
 # --- the orchestrator ---------------------------------------------------------------------------------
@@ -117,34 +93,18 @@ class Progress:
 
 def run_backend(backend, device_filter, steps, progress):
     """Run one backend's worker in a subprocess; return its records."""
-    env = {**os.environ, **BACKENDS[backend][1], "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "tether",
-        "parity",
-        "--worker",
-        backend,
-        "--device",
-        device_filter,
-        "--steps",
-        str(steps),
-    ]
-    records, other = [], []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for line in proc.stdout:
-        if not line.startswith("@@"):
-            other.append(line)
-            continue
-        obj = json.loads(line[2:])
+    records = []
+
+    def on_result(obj):
         if "plan" in obj:
             progress.total += obj["plan"]
-            continue
+            return
         records.append(obj)
         progress.update(f"{backend} {obj['device']} {obj['optimizer']} {obj['problem']} {obj['dtype']}")
-    code = proc.wait()
+
+    args = ["parity", "--worker", backend, "--device", device_filter, "--steps", str(steps)]
+    code, tail = run_worker(backend, args, on_result)
     if code != 0:
-        tail = "".join(other[-20:])
         records.append(
             {
                 "backend": backend,
@@ -203,15 +163,15 @@ def main(args):
     if args.worker:
         worker(args.worker, args.device, args.steps)
         return 0
-    wanted = args.backends.split(",") if args.backends else list(BACKENDS)
-    unknown = [b for b in wanted if b not in BACKENDS]
+    chosen = args.backends.split(",") if args.backends else list(BACKENDS)
+    unknown = [b for b in chosen if b not in BACKENDS]
     if unknown:
         print(f"tether parity: unknown backend(s) {unknown}; choose from {list(BACKENDS)}", file=sys.stderr)
         return 2
     progress = Progress()
     records, status = [], {}
     start = time.perf_counter()
-    for backend in wanted:
+    for backend in chosen:
         if not installed(backend):
             status[backend] = "skipped (not installed)"
             progress.say(f"{backend}: skipped, not installed ({', '.join(BACKENDS[backend][0])})")
