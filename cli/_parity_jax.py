@@ -12,11 +12,14 @@ from tether.adapters import jax as tj  # noqa: E402
 
 from ._parity_cases import MLP, full_hparams  # noqa: E402
 
+FUSED = {"adam_ftp": tj.adam_ftp, "sgd_ftp": tj.sgd_ftp, "adam_spd": tj.adam_spd}
+
 
 def build(case, names):
+    """The case's optax transformation (a wrapper around optax's own base, or a fused one)."""
     h = full_hparams(case)
     mask = {n: n not in case.unanchored for n in names}
-    b1, b2 = h.get("betas", (0.9, 0.999))
+    b1, b2 = h.get("betas", (0.9, 0.999))  # for the wrappers' optax bases
     if case.wrapper == "ftp" and case.kind == "adam_ftp":
         inner = optax.adamw(h["lr"], b1=b1, b2=b2, eps=h["eps"], weight_decay=h["weight_decay"])
         return tj.ftp(inner, k=h["k"], anchor=case.anchor, mask=mask)
@@ -33,39 +36,11 @@ def build(case, names):
             raise ValueError("the spd(adam) parity case has no amsgrad form in optax")
         inner = optax.adam(h["lr"], b1=b1, b2=b2, eps=h["eps"])
         return tj.spd(inner, weight_decay=h["weight_decay"], anchor=case.anchor, mask=mask)
-    if case.kind == "adam_ftp":
-        return tj.adam_ftp(
-            h["lr"],
-            b1=b1,
-            b2=b2,
-            eps=h["eps"],
-            weight_decay=h["weight_decay"],
-            amsgrad=h["amsgrad"],
-            k=h["k"],
-            anchor=case.anchor,
-            mask=mask,
-        )
-    if case.kind == "sgd_ftp":
-        return tj.sgd_ftp(
-            h["lr"],
-            momentum=h["momentum"],
-            dampening=h["dampening"],
-            weight_decay=h["weight_decay"],
-            nesterov=h["nesterov"],
-            k=h["k"],
-            anchor=case.anchor,
-            mask=mask,
-        )
-    return tj.adam_spd(
-        h["lr"],
-        b1=b1,
-        b2=b2,
-        eps=h["eps"],
-        weight_decay=h["weight_decay"],
-        amsgrad=h["amsgrad"],
-        anchor=case.anchor,
-        mask=mask,
-    )
+    # the fused transformations: PyTorch's names to optax's
+    learning_rate = h.pop("lr")
+    if "betas" in h:
+        h["b1"], h["b2"] = h.pop("betas")
+    return FUSED[case.kind](learning_rate, **h, anchor=case.anchor, mask=mask)
 
 
 def _mlp_loss(params, x, y):

@@ -23,40 +23,19 @@ def _default_device():
     return devices(f"keras/{keras.backend.backend()}")[-1]
 
 
+FUSED = {"adam_ftp": tk.AdamFTP, "sgd_ftp": tk.SGDFTP, "adam_spd": tk.AdamSPD}
+
+
 def build(case):
+    """The case's Keras optimizer, its hyperparameters renamed from PyTorch's to Keras's."""
     if case.wrapper:
         return None  # Keras has no wrapper form: the fused optimizers are the API
     h = full_hparams(case)
-    if case.kind == "adam_ftp":
-        return tk.AdamFTP(
-            learning_rate=h["lr"],
-            beta_1=h["betas"][0],
-            beta_2=h["betas"][1],
-            epsilon=h["eps"],
-            weight_decay=h["weight_decay"],
-            amsgrad=h["amsgrad"],
-            k=h["k"],
-            anchor=case.anchor,
-        )
-    if case.kind == "sgd_ftp":
-        return tk.SGDFTP(
-            learning_rate=h["lr"],
-            momentum=h["momentum"],
-            dampening=h["dampening"],
-            nesterov=h["nesterov"],
-            weight_decay=h["weight_decay"],
-            k=h["k"],
-            anchor=case.anchor,
-        )
-    return tk.AdamSPD(
-        learning_rate=h["lr"],
-        beta_1=h["betas"][0],
-        beta_2=h["betas"][1],
-        epsilon=h["eps"],
-        weight_decay=h["weight_decay"],
-        amsgrad=h["amsgrad"],
-        anchor=case.anchor,
-    )
+    h["learning_rate"] = h.pop("lr")
+    if "betas" in h:
+        h["beta_1"], h["beta_2"] = h.pop("betas")
+        h["epsilon"] = h.pop("eps")
+    return FUSED[case.kind](**h, anchor=case.anchor)
 
 
 class _Network(keras.Model):
