@@ -9,7 +9,13 @@ are elementwise on their scalar arguments. ``tests/torch/test_ops.py`` checks ea
 against the core at 1e-12 in float64.
 
 No function here reads a device value on the host, so a step traces under
-``torch.compile(fullgraph=True)`` and never synchronises a GPU stream.
+``torch.compile(fullgraph=True)`` and never synchronises a GPU stream. The learning rate ``lr``
+is a Python float (``torch.optim``'s convention) or a 0-d tensor on the tensors' device (what
+Keras passes on its torch backend): a tensor is never read on the host.
+
+The three ``*_step_`` functions at the end are whole steps of one bucket (tensors of one device,
+dtype and anchor mode); `tether.adapters.torch` and, on the torch backend,
+`tether.adapters.keras` both call them.
 """
 
 import array_api_compat.torch as compat_torch
@@ -68,6 +74,14 @@ def adam_moments(grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, beta1, beta2,
     return exp_avg_sqs
 
 
+def add_scaled_(targets, tensors, alpha):
+    """``x ← x + α·y`` in place for each pair, ``α`` a float or a 0-d tensor."""
+    if isinstance(alpha, torch.Tensor):
+        torch._foreach_addcmul_(targets, tensors, [alpha] * len(tensors))
+    else:
+        torch._foreach_add_(targets, tensors, alpha=alpha)
+
+
 def adam_update_(targets, exp_avgs, second, t, *, lr, beta1, beta2, eps):
     r"""Subtract Adam's direction from ``targets`` in place: ``x ← x − lr · m / D`` (ALGORITHMS.md §3).
 
@@ -78,14 +92,24 @@ def adam_update_(targets, exp_avgs, second, t, *, lr, beta1, beta2, eps):
     and both factors are of order one, so nothing overflows in float16. ``D`` is the one
     full-size temporary of an Adam step, as in ``torch.optim.AdamW(foreach=True)``. (Making
     and freeing it one tensor at a time on the CPU measured no faster.)
+
+    A tensor ``lr`` is folded into ``D`` (``x ← x − m / (D / lr)``), so that it stays on the
+    device; ``lr = 0`` makes ``D / lr`` infinite (a zero step), never ``0 · ∞``.
     """
     bias_correction1 = 1 - beta1**t
-    scale = (bias_correction1 / torch.sqrt(1 - beta2**t)).unbind(0)
-    offset = (eps * bias_correction1).unbind(0)
+    scale = bias_correction1 / torch.sqrt(1 - beta2**t)
+    offset = eps * bias_correction1
+    value = -lr
+    if isinstance(lr, torch.Tensor):
+        moving = lr > 0
+        safe = torch.where(moving, lr, torch.ones_like(lr))
+        scale = torch.where(moving, scale / safe, torch.zeros_like(scale))
+        offset = torch.where(moving, offset / safe, torch.full_like(offset, float("inf")))
+        value = -1.0
     denominators = torch._foreach_sqrt(second)
-    torch._foreach_mul_(denominators, scale)
-    torch._foreach_add_(denominators, offset)
-    torch._foreach_addcdiv_(targets, exp_avgs, denominators, value=-lr)
+    torch._foreach_mul_(denominators, scale.unbind(0))
+    torch._foreach_add_(denominators, offset.unbind(0))
+    torch._foreach_addcdiv_(targets, exp_avgs, denominators, value=value)
 
 
 def sgd_updates(params, grads, buffers, t, *, momentum, dampening, weight_decay, nesterov):
@@ -184,3 +208,93 @@ def spd_keep(alignment, distance, new_distance, weight_decay):
     ``λ r`` is ``core.decay_strength`` on the stacked per-tensor scalars.
     """
     return 1 - decay_strength(SPDStatistics(alignment, distance), new_distance, weight_decay, xp=xp)
+
+
+# -- whole steps of one bucket --------------------------------------------------------------
+
+
+def adam_ftp_step_(
+    params, grads, moments, anchors, ftp_states, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, k
+):
+    """One Adam-FTP step of a bucket, in place (ALGORITHMS.md §3, §4).
+
+    ``moments`` is ``(exp_avgs, exp_avg_sqs, max_exp_avg_sqs)``. ``anchors is None``: the
+    bucket is unanchored and takes the plain AdamW step; otherwise one ``θ₀`` per tensor (or
+    ``None`` per tensor for a zero anchor), and ``ftp_states`` are dicts holding ``radius``,
+    ``radius_exp_avg``, ``radius_exp_avg_sq``, ``prev_displacement`` and ``prev_inv_norm``.
+    """
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
+    second = adam_moments(
+        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, beta1=beta1, beta2=beta2, amsgrad=amsgrad
+    )
+    adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    if anchors is None:
+        if weight_decay != 0:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        adam_update_(params, exp_avgs, second, t, **adam)
+        return
+    buffers = [s["prev_displacement"] for s in ftp_states]
+    radius_grads = radius_gradients_(grads, buffers, [s["prev_inv_norm"] for s in ftp_states], k=k)
+    displacements = displacements_into(buffers, params, anchors)
+    if weight_decay != 0:
+        add_scaled_(displacements, params, -lr * weight_decay)
+    adam_update_(displacements, exp_avgs, second, t, **adam)
+    ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states)
+
+
+def sgd_ftp_step_(
+    params, grads, buffers, anchors, ftp_states, t, *, lr, momentum, dampening, weight_decay, nesterov, k
+):
+    """One SGD-FTP step of a bucket, in place (ALGORITHMS.md §3, §4); ``buffers``: momentum buffers.
+
+    ``anchors`` and ``ftp_states`` as in `adam_ftp_step_`.
+    """
+    if anchors is not None:
+        displacements = [s["prev_displacement"] for s in ftp_states]
+        radius_grads = radius_gradients_(grads, displacements, [s["prev_inv_norm"] for s in ftp_states], k=k)
+    updates = sgd_updates(
+        params,
+        grads,
+        buffers,
+        t,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+    )
+    if anchors is None:
+        add_scaled_(params, updates, -lr)
+        return
+    displacements = displacements_into(displacements, params, anchors)
+    add_scaled_(displacements, updates, -lr)
+    del updates
+    ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states)
+
+
+def adam_spd_step_(params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad):
+    """One Adam-SPD step of a bucket, in place (ALGORITHMS.md §3, §5).
+
+    ``anchors`` as in `adam_ftp_step_` (``None``: the plain Adam step, no decay). The
+    parameters themselves hold ``θ − θ₀`` until the end of the step: no full-size temporary
+    beyond Adam's denominator.
+    """
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
+    second = adam_moments(
+        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, beta1=beta1, beta2=beta2, amsgrad=amsgrad
+    )
+    adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    if anchors is None:
+        adam_update_(params, exp_avgs, second, t, **adam)
+        return
+    init = anchors[0] is not None
+    if init:
+        torch._foreach_sub_(params, anchors)
+    alignment = torch.stack([dot(g, p) for g, p in zip(grads, params, strict=True)])
+    distance = norms(params)
+    adam_update_(params, exp_avgs, second, t, **adam)
+    keep = spd_keep(alignment, distance, norms(params), weight_decay).unbind(0)
+    if init:
+        for p, anchor, factor in zip(params, anchors, keep, strict=True):
+            torch.addcmul(anchor, p, factor, out=p)
+    else:
+        torch._foreach_mul_(params, keep)

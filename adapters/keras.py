@@ -25,6 +25,11 @@ from tether import core
 
 from ._keras_ops import keras_namespace as _xp
 
+if keras.backend.backend() == "torch":
+    from . import _keras_torch
+else:
+    _keras_torch = None
+
 __all__ = ["AdamFTP", "AdamSPD", "SGDFTP"]
 
 ANCHOR_MODES = ("init", "zero")
@@ -238,7 +243,15 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         with _no_grad():
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            if _keras_torch is not None:
+                # in place, multi-tensor, as Keras's own torch optimizers do
+                _keras_torch.update(self, grads, trainable_variables, learning_rate)
+            else:
+                super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _torch_step(self, mode, indices, params, grads, t, lr):
+        """One in-place step of a bucket of variables on the torch backend (`_keras_torch.update`)."""
+        raise NotImplementedError
 
     def update_step(self, gradient, variable, learning_rate):
         """One step of one variable: base direction, then the method's constraint if anchored."""
@@ -429,6 +442,9 @@ class AdamFTP(_AdamBase):
 
     _constrain = _AnchoredOptimizer._ftp_constrain
 
+    def _torch_step(self, mode, indices, params, grads, t, lr):
+        _keras_torch.adam_ftp(self, mode, indices, params, grads, t, lr)
+
     def get_config(self):
         config = super().get_config()
         config["k"] = self.k
@@ -515,6 +531,9 @@ class SGDFTP(_AnchoredOptimizer):
 
     _constrain = _AnchoredOptimizer._ftp_constrain
 
+    def _torch_step(self, mode, indices, params, grads, t, lr):
+        _keras_torch.sgd_ftp(self, mode, indices, params, grads, t, lr)
+
     def get_config(self):
         config = super().get_config()
         config.update(momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov, k=self.k)
@@ -587,3 +606,6 @@ class AdamSPD(_AdamBase):
 
     def _constrain(self, index, param, direction, anchor, grad, step):
         return core.spd_step(param, direction, anchor, grad, self.weight_decay, xp=_xp)
+
+    def _torch_step(self, mode, indices, params, grads, t, lr):
+        _keras_torch.adam_spd(self, mode, indices, params, grads, t, lr)

@@ -221,6 +221,13 @@ class _Fused(_Anchored):
                 self._step_bucket(group, bucket_params, bucket_grads, states, t)
         return loss
 
+    @staticmethod
+    def _anchors(group, states):
+        """``None`` for an unanchored group, else each tensor's ``θ₀`` (``None`` for a zero anchor)."""
+        if group["anchor"] is None:
+            return None
+        return [s.get("anchor") for s in states]
+
 
 class _AdamBase(_Fused):
     def __init__(self, params, defaults):
@@ -246,20 +253,14 @@ class _AdamBase(_Fused):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _adam(self, group, grads, states, t):
-        """Update the moments in place; return ``m`` and the second moments that ``D`` is made of."""
-        beta1, beta2 = group["betas"]
-        exp_avgs = [s["exp_avg"] for s in states]
-        second = ops.adam_moments(
-            grads,
-            exp_avgs,
+    @staticmethod
+    def _moments(states):
+        """``(exp_avgs, exp_avg_sqs, max_exp_avg_sqs)`` of a bucket."""
+        return (
+            [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s.get("max_exp_avg_sq") for s in states],
-            beta1=beta1,
-            beta2=beta2,
-            amsgrad=group["amsgrad"],
         )
-        return exp_avgs, second
 
 
 class AdamFTP(_AdamBase):
@@ -315,25 +316,22 @@ class AdamFTP(_AdamBase):
             self._init_radius(p, state)
 
     def _step_bucket(self, group, params, grads, states, t):
-        lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
-        exp_avgs, second = self._adam(group, grads, states, t)
-        adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"])
-        if group["anchor"] is None:
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            ops.adam_update_(params, exp_avgs, second, t, **adam)
-            return
-        buffers = [s["prev_displacement"] for s in states]
-        radius_grads = ops.radius_gradients_(
-            grads, buffers, [s["prev_inv_norm"] for s in states], k=group["k"]
+        ops.adam_ftp_step_(
+            params,
+            grads,
+            self._moments(states),
+            self._anchors(group, states),
+            states,
+            t,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            k=group["k"],
         )
-        anchors = [s.get("anchor") for s in states]
-        displacements = ops.displacements_into(buffers, params, anchors)
-        if wd != 0:
-            torch._foreach_add_(displacements, params, alpha=-lr * wd)
-        ops.adam_update_(displacements, exp_avgs, second, t, **adam)
-        ops.ftp_finish(params, anchors, displacements, radius_grads, t, states)
 
 
 class AdamSPD(_AdamBase):
@@ -379,27 +377,20 @@ class AdamSPD(_AdamBase):
         super().__init__(params, defaults)
 
     def _step_bucket(self, group, params, grads, states, t):
-        lr = group["lr"]
         beta1, beta2 = group["betas"]
-        exp_avgs, second = self._adam(group, grads, states, t)
-        adam = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"])
-        if group["anchor"] is None:
-            ops.adam_update_(params, exp_avgs, second, t, **adam)
-            return
-        anchors = [s.get("anchor") for s in states]
-        init = group["anchor"] == "init"
-        # The parameters themselves hold θ − θ₀ until the end of the step: no full-size temporary.
-        if init:
-            torch._foreach_sub_(params, anchors)
-        alignment = torch.stack([ops.dot(g, p) for g, p in zip(grads, params, strict=True)])
-        distance = ops.norms(params)
-        ops.adam_update_(params, exp_avgs, second, t, **adam)
-        keep = ops.spd_keep(alignment, distance, ops.norms(params), group["weight_decay"]).unbind(0)
-        if init:
-            for p, anchor, factor in zip(params, anchors, keep, strict=True):
-                torch.addcmul(anchor, p, factor, out=p)
-        else:
-            torch._foreach_mul_(params, keep)
+        ops.adam_spd_step_(
+            params,
+            grads,
+            self._moments(states),
+            self._anchors(group, states),
+            t,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+        )
 
 
 class SGDFTP(_Fused):
@@ -469,31 +460,20 @@ class SGDFTP(_Fused):
             self._init_radius(p, state)
 
     def _step_bucket(self, group, params, grads, states, t):
-        lr = group["lr"]
-        anchored = group["anchor"] is not None
-        if anchored:
-            buffers = [s["prev_displacement"] for s in states]
-            radius_grads = ops.radius_gradients_(
-                grads, buffers, [s["prev_inv_norm"] for s in states], k=group["k"]
-            )
-        updates = ops.sgd_updates(
+        ops.sgd_ftp_step_(
             params,
             grads,
             [s.get("momentum_buffer") for s in states],
+            self._anchors(group, states),
+            states,
             t,
+            lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
+            k=group["k"],
         )
-        if not anchored:
-            torch._foreach_add_(params, updates, alpha=-lr)
-            return
-        anchors = [s.get("anchor") for s in states]
-        displacements = ops.displacements_into(buffers, params, anchors)
-        torch._foreach_add_(displacements, updates, alpha=-lr)
-        del updates
-        ops.ftp_finish(params, anchors, displacements, radius_grads, t, states)
 
 
 class _Wrapper(_Anchored):
