@@ -5,7 +5,10 @@ backend. Each optimizer is bookkeeping only: its state lives in optimizer
 variables (so ``model.save`` / ``keras.saving.load_model`` carry it), the Keras
 base class owns learning-rate schedules, gradient clipping, EMA, loss scaling,
 gradient accumulation and ``jit_compile``, and the math is a call into
-`tether.core` through a namespace built on ``keras.ops``.
+`tether.core` through a namespace built on ``keras.ops``. On the torch backend,
+float32 and float64 variables are updated in place by the PyTorch adapter's
+multi-tensor kernels instead, as Keras's own torch optimizers are (see
+``_keras_torch``).
 
 The anchor $\theta_0$ of each variable is captured when the optimizer is
 built, which ``fit`` does on its first call: load the pre-trained weights before
