@@ -272,11 +272,12 @@ def _merge_adam(leaves, moments, amsgrad):
 
 
 def _after(value, previous):
-    """`value + 0`, computed only once `previous` is: a scheduling hint for XLA, not math.
+    """`value`, computed only once `previous` is: a scheduling hint for XLA, not math.
 
-    The link is an exact zero that XLA cannot fold: `nan_to_num(0·x)` is 0 for every `x`,
-    NaN and ±inf included; `x` is the sum of `previous` (one read of it), not an element
-    of it, which a sharded array may not give without communication. Uses:
+    `value − nan_to_num(0·|x|)` subtracts an exact +0 that XLA cannot fold (NaN and ±inf
+    included), so every value, −0.0 included, is unchanged; `x` is the sum of `previous`
+    (one read of it), not an element of it, which a sharded array may not give without
+    communication. Uses:
 
     - SPD chains its tensors, so that the full-size temporaries of its statistics (which
       XLA:CPU materializes) live one tensor at a time, not all at once (twice the model's
@@ -286,8 +287,8 @@ def _after(value, previous):
     """
     if previous is None:
         return value
-    link = jnp.nan_to_num(0 * jnp.sum(previous), nan=0.0, posinf=0.0, neginf=0.0)
-    return value + link.astype(value.dtype)
+    link = jnp.nan_to_num(0 * jnp.abs(jnp.sum(previous)), nan=0.0, posinf=0.0, neginf=0.0)
+    return value - link.astype(value.dtype)
 
 
 def _learning_rate(learning_rate, count):

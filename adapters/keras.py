@@ -126,6 +126,21 @@ def _copy_initializer(variable):
     return initializer
 
 
+def _after(value, previous):
+    """``value``, computed only once the scalar ``previous`` is: a scheduling hint for XLA, not math.
+
+    ``value − nan_to_num(0·|previous|)`` subtracts an exact +0 (NaN and ±inf included) that
+    XLA cannot fold, so every value, −0.0 included, is unchanged. On JAX, each anchored
+    variable's step waits for the previous one's last scalar (its decay strength or radius),
+    so that XLA:CPU keeps one variable's full-size temporaries alive at a time; that measured
+    about 10% off AdamSPD's update (``docs/benchmarks-keras.md``).
+    """
+    if previous is None:
+        return value
+    link = ops.nan_to_num(0 * ops.abs(previous), nan=0.0, posinf=0.0, neginf=0.0)
+    return value - ops.cast(link, value.dtype)
+
+
 class _AnchoredOptimizer(keras.optimizers.Optimizer):
     """What the three optimizers share: anchors, per-variable step counts, the update loop.
 
@@ -149,6 +164,8 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
         self._anchor_excluded_names = ()
         # positions in the built variable list, from a saved config (see `get_config`)
         self._anchor_excluded_indices = set()
+        # during a step on JAX: the scalar the next anchored variable waits for (see `_after`)
+        self._link = None
 
     def _apply_weight_decay(self, variables):
         """A no-op: each method applies its own ``weight_decay`` (the base's would decay twice)."""
@@ -250,7 +267,9 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
                 # in place, multi-tensor, as Keras's own torch optimizers do
                 _keras_torch.update(self, grads, trainable_variables, learning_rate)
             else:
+                self._link = None
                 super()._backend_update_step(grads, trainable_variables, learning_rate)
+                self._link = None
 
     def _torch_step(self, mode, indices, params, grads, t, lr):
         """One in-place step of a bucket of variables on the torch backend (`_keras_torch.update`)."""
@@ -272,7 +291,10 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
             new_param = param - direction
         else:
             anchor = _read(self._anchors[index], dtype) if mode == "init" else None
-            new_param = self._constrain(index, param, direction, anchor, grad, step)
+            param = _after(param, self._link)
+            new_param, link = self._constrain(index, param, direction, anchor, grad, step)
+            if keras.backend.backend() == "jax":
+                self._link = link
         self.assign(self._steps[index], step)
         self.assign(variable, new_param)
 
@@ -280,15 +302,23 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
         raise NotImplementedError
 
     def _constrain(self, index, param, direction, anchor, grad, step):
+        """The new value of an anchored variable, and a scalar computed last (for `_after`)."""
         raise NotImplementedError
 
     def _ftp_constrain(self, index, param, direction, anchor, grad, step):
         slots = self._ftp[index]
         state = core.FTPState(*(_read(s, grad.dtype) for s in slots))
+        if keras.backend.backend() == "jax":
+            # the new displacement waits for ∇γ, the last read of the old one, so that XLA
+            # writes it into the donated buffer instead of copying both (CSE merges the two ∇γ)
+            radius_grad = core.radius_gradient(
+                grad, state.prev_displacement, state.prev_inv_norm, k=self.k, xp=_xp
+            )
+            direction = _after(direction, radius_grad)
         new_param, new_state = core.ftp_project(param, direction, anchor, grad, state, step, k=self.k, xp=_xp)
         for slot, value in zip(slots, new_state):
             self.assign(slot, value)
-        return new_param
+        return new_param, new_state.radius
 
     def get_config(self):
         config = super().get_config()
@@ -608,7 +638,14 @@ class AdamSPD(_AdamBase):
         self._build_adam_slots(var_list)
 
     def _constrain(self, index, param, direction, anchor, grad, step):
-        return core.spd_step(param, direction, anchor, grad, self.weight_decay, xp=_xp)
+        # core.spd_step, with the decay strength at hand for `_after`
+        statistics = core.spd_statistics(param, anchor, grad, xp=_xp)
+        new_param = param - direction
+        displacement = new_param if anchor is None else new_param - anchor
+        strength = core.decay_strength(
+            statistics, core.l2_norm(displacement, xp=_xp), self.weight_decay, xp=_xp
+        )
+        return new_param - strength * displacement, strength
 
     def _torch_step(self, mode, indices, params, grads, t, lr):
         _keras_torch.adam_spd(self, mode, indices, params, grads, t, lr)
