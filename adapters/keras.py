@@ -645,7 +645,7 @@ class AdamSPD(_AdamBase):
         strength = core.decay_strength(
             statistics, core.l2_norm(displacement, xp=_xp), self.weight_decay, xp=_xp
         )
-        return new_param - strength * displacement, strength
+        return core.decay_toward_anchor(new_param, anchor, strength, xp=_xp), strength
 
     def _torch_step(self, mode, indices, params, grads, t, lr):
         _keras_torch.adam_spd(self, mode, indices, params, grads, t, lr)

@@ -11,7 +11,7 @@ JAX, `array_api_strict`, or the namespace the Keras adapter builds on
 - FTP (`tether.core.ftp`): `radius_gradient`, `damp_radius_gradient`,
   `radius_update`, `ftp_project`, with `FTPState`;
 - SPD (`tether.core.spd`): `spd_statistics`, `decay_ratio`,
-  `decay_strength`, `spd_decay`, `spd_step`.
+  `decay_strength`, `decay_toward_anchor`, `spd_decay`, `spd_step`.
 
 Every function takes arrays and returns new arrays: no state of its own, no
 in-place update, no Python branch on an array's value and no host read, so each
@@ -41,7 +41,15 @@ from .ftp import (
     radius_update,
 )
 from .norms import l2_norm, mars_norm, project, rowdot
-from .spd import SPDStatistics, decay_ratio, decay_strength, spd_decay, spd_statistics, spd_step
+from .spd import (
+    SPDStatistics,
+    decay_ratio,
+    decay_strength,
+    decay_toward_anchor,
+    spd_decay,
+    spd_statistics,
+    spd_step,
+)
 
 __all__ = [
     "AdamState",
@@ -53,6 +61,7 @@ __all__ = [
     "damp_radius_gradient",
     "decay_ratio",
     "decay_strength",
+    "decay_toward_anchor",
     "ftp_init",
     "ftp_project",
     "l2_norm",

@@ -60,7 +60,22 @@ def spd_decay(new_param, anchor, statistics, weight_decay, *, xp=None):
     xp = namespace(xp, new_param, anchor, weight_decay)
     displacement = new_param if anchor is None else new_param - anchor
     strength = decay_strength(statistics, l2_norm(displacement, xp=xp), weight_decay, xp=xp)
-    return xp.astype(new_param - strength * displacement, new_param.dtype, copy=False)
+    return decay_toward_anchor(new_param, anchor, strength, xp=xp)
+
+
+def decay_toward_anchor(new_param, anchor, strength, *, xp=None):
+    """Move `θ̃` toward the anchor by the fraction `strength` (`λ·r`, from `decay_strength`).
+
+        θ ← (1 − λr) θ̃ + λr θ₀     (= θ̃ − λr (θ̃ − θ₀))
+
+    written so that `θ̃ − θ₀` is not needed again after its norm (XLA:CPU then keeps one
+    fewer full-size temporary). `anchor=None` is a zero anchor. Keeps `θ̃`'s dtype.
+    """
+    xp = namespace(xp, new_param, anchor, strength)
+    decayed = (1 - strength) * new_param
+    if anchor is not None:
+        decayed = decayed + strength * anchor
+    return xp.astype(decayed, new_param.dtype, copy=False)
 
 
 def decay_strength(statistics, new_distance, weight_decay, *, xp=None):
