@@ -78,6 +78,7 @@ def adam_ftp(optimizer, mode, indices, params, grads, t, lr):
         weight_decay=optimizer.weight_decay,
         amsgrad=optimizer.amsgrad,
         k=optimizer.k,
+        scratch=_scratch(optimizer, params),
     )
 
 
@@ -97,6 +98,7 @@ def sgd_ftp(optimizer, mode, indices, params, grads, t, lr):
         weight_decay=optimizer.weight_decay,
         nesterov=optimizer.nesterov,
         k=optimizer.k,
+        scratch=_scratch(optimizer, params),
     )
 
 
@@ -114,7 +116,21 @@ def adam_spd(optimizer, mode, indices, params, grads, t, lr):
         eps=optimizer.epsilon,
         weight_decay=optimizer.weight_decay,
         amsgrad=optimizer.amsgrad,
+        scratch=_scratch(optimizer, params),
     )
+
+
+def _scratch(optimizer, params):
+    """The optimizer's `_torch_ops.Scratch` for a CPU bucket (``None`` on an accelerator).
+
+    Keras optimizers keep it as an attribute: not a variable, nothing in it outlives a step.
+    """
+    if params[0].device.type != "cpu":  # (the in-place path only takes float32 and float64)
+        return None
+    scratch = getattr(optimizer, "_tether_scratch", None)
+    if scratch is None:
+        scratch = optimizer._tether_scratch = _torch_ops.Scratch()
+    return scratch
 
 
 def _anchors(optimizer, mode, indices):

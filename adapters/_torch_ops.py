@@ -82,6 +82,55 @@ def add_scaled_(targets, tensors, alpha):
         torch._foreach_add_(targets, tensors, alpha=alpha)
 
 
+#: Values per block of `row_blocks`: 1 MiB of float32, within one core's L2 cache.
+BLOCK = 1 << 18
+
+
+def row_blocks(*tensors):
+    """Views of same-shaped tensors, a few whole rows (first axis) at a time, about `BLOCK` values each.
+
+    A CPU step runs several ops on each block while it is in cache, so that an intermediate
+    (Adam's denominator, ``|c|``, ``g ⊙ c_prev``) is read back from the cache, not from
+    memory. One block (the tensors themselves) when they are small, not contiguous, not on
+    the CPU (an accelerator wants few, large kernels), or have fewer than two axes (MARS
+    sums a vector whole). ``None`` entries stay ``None`` in every block.
+    """
+    x = tensors[0]
+    small = x.numel() <= BLOCK or x.ndim < 2 or x.device.type != "cpu"
+    if small or not all(t is None or t.is_contiguous() for t in tensors):
+        return [tensors]
+    rows = max(1, BLOCK // (x.numel() // x.shape[0]))
+    return [
+        tuple(None if t is None else t.narrow(0, start, min(rows, x.shape[0] - start)) for t in tensors)
+        for start in range(0, x.shape[0], rows)
+    ]
+
+
+class Scratch:
+    """A reusable buffer per (device, dtype) for Adam's denominator on the CPU.
+
+    ``torch.optim.AdamW(foreach=True)`` makes its denominators as fresh full-size tensors
+    at every step; on the CPU, whether ``malloc`` hands back the same pages or new ones
+    (a page fault per 4 KiB, 83,000 per ViT-B/16 step, slower than the arithmetic) depends
+    on the process's allocation history, so the step time of the same code doubles from one
+    process to the next. A step that writes each tensor's denominator into one buffer, the
+    size of the largest tensor, never allocates. It is not state: nothing in it outlives
+    the tensor's update.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+
+    def like(self, x):
+        """A tensor shaped like ``x`` (contents undefined), a view of the buffer."""
+        key = (x.device, x.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < x.numel():
+            buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+            self._buffers[key] = buffer
+        return buffer[: x.numel()].view(x.shape)
+
+
 def adam_update_(targets, exp_avgs, second, t, *, lr, beta1, beta2, eps):
     r"""Subtract Adam's direction from ``targets`` in place: ``x ← x − lr · m / D`` (ALGORITHMS.md §3).
 
@@ -89,27 +138,53 @@ def adam_update_(targets, exp_avgs, second, t, *, lr, beta1, beta2, eps):
               = \sqrt{v^*} \cdot \frac{1 - \beta_1^t}{\sqrt{1 - \beta_2^t}} + \epsilon (1 - \beta_1^t)
 
     ``t`` is the vector of per-tensor step counts; the bias corrections stay on the device,
-    and both factors are of order one, so nothing overflows in float16. ``D`` is the one
-    full-size temporary of an Adam step, as in ``torch.optim.AdamW(foreach=True)``. (Making
-    and freeing it one tensor at a time on the CPU measured no faster.)
+    and both factors are of order one, so nothing overflows in float16. ``D`` is one
+    multi-tensor temporary, as in ``torch.optim.AdamW(foreach=True)`` (the CPU's single
+    pass, below, writes it into a `Scratch` a block at a time instead).
 
     A tensor ``lr`` is folded into ``D`` (``x ← x − m / (D / lr)``), so that it stays on the
     device; ``lr = 0`` makes ``D / lr`` infinite (a zero step), never ``0 · ∞``.
     """
-    bias_correction1 = 1 - beta1**t
-    scale = bias_correction1 / torch.sqrt(1 - beta2**t)
-    offset = eps * bias_correction1
-    value = -lr
-    if isinstance(lr, torch.Tensor):
-        moving = lr > 0
-        safe = torch.where(moving, lr, torch.ones_like(lr))
-        scale = torch.where(moving, scale / safe, torch.zeros_like(scale))
-        offset = torch.where(moving, offset / safe, torch.full_like(offset, float("inf")))
-        value = -1.0
+    scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     denominators = torch._foreach_sqrt(second)
     torch._foreach_mul_(denominators, scale.unbind(0))
     torch._foreach_add_(denominators, offset.unbind(0))
     torch._foreach_addcdiv_(targets, exp_avgs, denominators, value=value)
+
+
+def adam_coefficients(t, *, lr, beta1, beta2, eps):
+    """``(scale, offset, value)`` of `adam_update_`: ``x ← x + value · m / (√v* · scale + offset)``.
+
+    ``scale`` and ``offset`` are vectors (one entry per tensor, from the step counts ``t``);
+    a tensor ``lr`` is folded into them (``value = −1``), a float one is ``value = −lr``.
+    """
+    bias_correction1 = 1 - beta1**t
+    scale = bias_correction1 / torch.sqrt(1 - beta2**t)
+    offset = eps * bias_correction1
+    if not isinstance(lr, torch.Tensor):
+        return scale, offset, -lr
+    moving = lr > 0
+    safe = torch.where(moving, lr, torch.ones_like(lr))
+    scale = torch.where(moving, scale / safe, torch.zeros_like(scale))
+    offset = torch.where(moving, offset / safe, torch.full_like(offset, float("inf")))
+    return scale, offset, -1.0
+
+
+def adam_block_moments_(g, m, v, v_max, *, beta1, beta2, amsgrad):
+    """`adam_moments` for one tensor (or block): ``m``, ``v`` (and ``v*``) in place; returns ``v*`` or ``v``."""
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if amsgrad:
+        torch.maximum(v_max, v, out=v_max)
+        return v_max
+    return v
+
+
+def adam_block_update_(x, m, second, scale, offset, value, scratch):
+    """``x ← x + value · m / D`` for one tensor (or block), ``D = √v* · scale + offset`` in ``scratch``."""
+    denominator = torch.sqrt(second, out=scratch.like(second))
+    denominator.mul_(scale).add_(offset)  # (an addcmul with two 0-d operands measured 2x slower)
+    x.addcdiv_(m, denominator, value=value)
 
 
 def sgd_updates(params, grads, buffers, t, *, momentum, dampening, weight_decay, nesterov):
@@ -150,12 +225,14 @@ def sgd_updates(params, grads, buffers, t, *, momentum, dampening, weight_decay,
 def radius_gradients_(grads, prev_displacements, prev_inv_norms, *, k):
     r"""``∇γ = Σ rowdot(g, c_prev) ⊙ s_prev`` per tensor, positive values times ``k``; a vector.
 
-    Destroys ``prev_displacements`` (``c_prev ← g ⊙ c_prev`` in place, then summed per row):
-    the caller writes this step's displacement into the same buffers next.
+    Destroys ``prev_displacements`` (``c_prev ← g ⊙ c_prev`` in place, then summed per row,
+    a block of rows at a time on the CPU): the caller writes this step's displacement into
+    the same buffers next.
     """
     values = []
     for g, c, s in zip(grads, prev_displacements, prev_inv_norms, strict=True):
-        values.append((row_sum(c.mul_(g)) * s).sum())
+        blocks = [(row_sum(c_b.mul_(g_b)) * s_b).sum() for g_b, c_b, s_b in row_blocks(g, c, s)]
+        values.append(blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum())
     return damp_radius_gradient(torch.stack(values), k, xp=xp)
 
 
@@ -169,16 +246,30 @@ def displacements_into(buffers, params, anchors):
     return buffers
 
 
-def ftp_finish(params, anchors, displacements, radius_grads, t, states):
+def _mars_norms(displacement, param, scratch):
+    """``MARS(c) + 1e-8``: ``|c|`` into ``scratch`` a block of rows at a time, else into ``param``."""
+    if scratch is None:
+        return row_sum(torch.abs(displacement, out=param)) + NORM_EPS
+    pieces = [row_sum(torch.abs(c, out=scratch.like(c))) for (c,) in row_blocks(displacement)]
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)) + NORM_EPS
+
+
+def ftp_finish(params, anchors, displacements, radius_grads, t, states, scratch=None):
     r"""FTP's projection after the base step, given ``c = θ̃ − θ₀`` per tensor (ALGORITHMS.md §4).
 
     ``n = MARS(c) + 1e-8``; the radii take one step of their own Adam (``core.radius_update``
     on the stacked scalars); ``θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c``. ``states`` are the tensors'
     ``optimizer.state`` dicts: ``radius``, its moments and ``prev_inv_norm`` are updated in
-    place, and ``prev_displacement`` must already be the buffer holding ``c``. The parameters
-    serve as scratch for ``|c|`` before they receive the projection, so nothing is allocated.
+    place, and ``prev_displacement`` must already be the buffer holding ``c``. ``|c|`` goes
+    into ``scratch`` (a `Scratch`, on the CPU) a block of rows at a time, or else into the
+    parameters, before they receive the projection: nothing full-size is allocated.
     """
-    norm_list = [row_sum(torch.abs(c, out=p)) + NORM_EPS for p, c in zip(params, displacements, strict=True)]
+    norm_list = [_mars_norms(c, p, scratch) for p, c in zip(params, displacements, strict=True)]
+    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, states)
+
+
+def ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, states):
+    """`ftp_finish` given the norms ``n = MARS(c) + 1e-8``: the radius step, then the projection."""
     max_norms = torch.stack([n.max() for n in norm_list])
     keys = ("radius", "radius_exp_avg", "radius_exp_avg_sq")
     stacked = [torch.stack([s[key] for s in states]) for key in keys]
@@ -214,7 +305,21 @@ def spd_keep(alignment, distance, new_distance, weight_decay):
 
 
 def adam_ftp_step_(
-    params, grads, moments, anchors, ftp_states, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, k
+    params,
+    grads,
+    moments,
+    anchors,
+    ftp_states,
+    t,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    k,
+    scratch=None,
 ):
     """One Adam-FTP step of a bucket, in place (ALGORITHMS.md §3, §4).
 
@@ -222,7 +327,12 @@ def adam_ftp_step_(
     bucket is unanchored and takes the plain AdamW step; otherwise one ``θ₀`` per tensor (or
     ``None`` per tensor for a zero anchor), and ``ftp_states`` are dicts holding ``radius``,
     ``radius_exp_avg``, ``radius_exp_avg_sq``, ``prev_displacement`` and ``prev_inv_norm``.
+    With a ``scratch`` (a `Scratch`: CPU tensors) the step is the CPU's single pass.
     """
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    if scratch is not None:
+        _adam_ftp_blocks_(params, grads, moments, anchors, ftp_states, t, k=k, scratch=scratch, **hyper)
+        return
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
     second = adam_moments(
         grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, beta1=beta1, beta2=beta2, amsgrad=amsgrad
@@ -235,20 +345,40 @@ def adam_ftp_step_(
         return
     buffers = [s["prev_displacement"] for s in ftp_states]
     radius_grads = radius_gradients_(grads, buffers, [s["prev_inv_norm"] for s in ftp_states], k=k)
-    displacements = displacements_into(buffers, params, anchors)
     if weight_decay != 0:
-        add_scaled_(displacements, params, -lr * weight_decay)
+        # θ − lr·wd·θ in place: the parameters are only read again for c, then overwritten
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    displacements = displacements_into(buffers, params, anchors)
     adam_update_(displacements, exp_avgs, second, t, **adam)
     ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states)
 
 
 def sgd_ftp_step_(
-    params, grads, buffers, anchors, ftp_states, t, *, lr, momentum, dampening, weight_decay, nesterov, k
+    params,
+    grads,
+    buffers,
+    anchors,
+    ftp_states,
+    t,
+    *,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    k,
+    scratch=None,
 ):
     """One SGD-FTP step of a bucket, in place (ALGORITHMS.md §3, §4); ``buffers``: momentum buffers.
 
-    ``anchors`` and ``ftp_states`` as in `adam_ftp_step_`.
+    ``anchors``, ``ftp_states`` and ``scratch`` as in `adam_ftp_step_`.
     """
+    if scratch is not None:
+        _sgd_ftp_blocks_(
+            params, grads, buffers, anchors, ftp_states, t, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, k=k, scratch=scratch,
+        )  # fmt: skip
+        return
     if anchors is not None:
         displacements = [s["prev_displacement"] for s in ftp_states]
         radius_grads = radius_gradients_(grads, displacements, [s["prev_inv_norm"] for s in ftp_states], k=k)
@@ -271,13 +401,21 @@ def sgd_ftp_step_(
     ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states)
 
 
-def adam_spd_step_(params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad):
+def adam_spd_step_(
+    params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, scratch=None
+):
     """One Adam-SPD step of a bucket, in place (ALGORITHMS.md §3, §5).
 
-    ``anchors`` as in `adam_ftp_step_` (``None``: the plain Adam step, no decay). The
-    parameters themselves hold ``θ − θ₀`` until the end of the step: no full-size temporary
-    beyond Adam's denominator.
+    ``anchors`` and ``scratch`` as in `adam_ftp_step_` (``anchors=None``: the plain Adam
+    step, no decay). The parameters themselves hold ``θ − θ₀`` until the end of the step: no
+    full-size temporary beyond Adam's denominator.
     """
+    if scratch is not None:
+        _adam_spd_blocks_(
+            params, grads, moments, anchors, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, scratch=scratch,
+        )  # fmt: skip
+        return
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
     second = adam_moments(
         grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, beta1=beta1, beta2=beta2, amsgrad=amsgrad
@@ -298,3 +436,167 @@ def adam_spd_step_(params, grads, moments, anchors, t, *, lr, beta1, beta2, eps,
             torch.addcmul(anchor, p, factor, out=p)
     else:
         torch._foreach_mul_(params, keep)
+
+
+# -- the CPU's single pass ------------------------------------------------------------------
+#
+# On the CPU a step is bound by memory traffic, and an op sequence reads and writes every
+# tensor once per op. The functions below make one pass over each tensor, a block of rows
+# at a time (`row_blocks`), running every op of the step on the block while it is in cache:
+# Adam's moments, the statistics, the base step and the norm of the result; only the part
+# that needs a whole-tensor scalar (the decay, the projection) takes a second pass.
+
+
+def _dot(a, b):
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _sum(pieces):
+    return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum(0)
+
+
+def _adam_spd_blocks_(
+    params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, scratch
+):
+    """`adam_spd_step_` on the CPU: ``⟨g, θ − θ₀⟩``, ``‖θ − θ₀‖²``, the Adam step and ``‖θ̃ − θ₀‖²`` in one pass."""
+    scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    anchored = anchors is not None
+    sums = []
+    for i, (p, g, m, v, v_max) in enumerate(zip(params, grads, *moments, strict=True)):
+        anchor = anchors[i] if anchored else None
+        pieces = []
+        for p_b, g_b, m_b, v_b, v_max_b, a_b in row_blocks(p, g, m, v, v_max, anchor):
+            second = adam_block_moments_(g_b, m_b, v_b, v_max_b, beta1=beta1, beta2=beta2, amsgrad=amsgrad)
+            if anchored:
+                if a_b is not None:
+                    p_b.sub_(a_b)  # the parameters hold θ − θ₀ until the decay
+                before = (_dot(g_b, p_b), _dot(p_b, p_b))
+            adam_block_update_(p_b, m_b, second, scale[i], offset[i], value, scratch)
+            if anchored:
+                pieces.append(torch.stack([*before, _dot(p_b, p_b)]))
+        if anchored:
+            sums.append(_sum(pieces))
+    if not anchored:
+        return
+    alignment, distance_sq, new_distance_sq = torch.stack(sums).unbind(1)
+    keep = spd_keep(alignment, torch.sqrt(distance_sq), torch.sqrt(new_distance_sq), weight_decay)
+    for p, anchor, factor in zip(params, anchors, keep.unbind(0), strict=True):
+        if anchor is None:
+            p.mul_(factor)
+        else:
+            torch.addcmul(anchor, p, factor, out=p)
+
+
+def _adam_ftp_blocks_(
+    params,
+    grads,
+    moments,
+    anchors,
+    ftp_states,
+    t,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    k,
+    scratch,
+):
+    """`adam_ftp_step_` on the CPU: ``∇γ``, the Adam step, ``c`` and ``MARS(c)`` in one pass."""
+    scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    anchored = anchors is not None
+    radius_grads, norm_list = [], []
+    for i, (p, g, m, v, v_max) in enumerate(zip(params, grads, *moments, strict=True)):
+        state = ftp_states[i] if anchored else {}
+        anchor = anchors[i] if anchored else None
+        c, s = state.get("prev_displacement"), state.get("prev_inv_norm")
+        gradient_pieces, norm_pieces = [], []
+        for p_b, g_b, m_b, v_b, v_max_b, a_b, c_b, s_b in row_blocks(p, g, m, v, v_max, anchor, c, s):
+            second = adam_block_moments_(g_b, m_b, v_b, v_max_b, beta1=beta1, beta2=beta2, amsgrad=amsgrad)
+            target = p_b
+            if anchored:
+                gradient_pieces.append((row_sum(c_b.mul_(g_b)) * s_b).sum())
+                if a_b is None:
+                    c_b.copy_(p_b)
+                else:
+                    torch.sub(p_b, a_b, out=c_b)
+                target = c_b
+            if weight_decay != 0:
+                add_scaled_([target], [p_b], -lr * weight_decay)
+            adam_block_update_(target, m_b, second, scale[i], offset[i], value, scratch)
+            if anchored:
+                norm_pieces.append(row_sum(torch.abs(c_b, out=scratch.like(c_b))))
+        if anchored:
+            radius_grads.append(_sum(gradient_pieces))
+            norm_list.append((norm_pieces[0] if len(norm_pieces) == 1 else torch.cat(norm_pieces)) + NORM_EPS)
+    if not anchored:
+        return
+    radius_grads = damp_radius_gradient(torch.stack(radius_grads), k, xp=xp)
+    displacements = [state["prev_displacement"] for state in ftp_states]
+    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, ftp_states)
+
+
+def _sgd_ftp_blocks_(
+    params,
+    grads,
+    buffers,
+    anchors,
+    ftp_states,
+    t,
+    *,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    k,
+    scratch,
+):
+    """`sgd_ftp_step_` on the CPU: ``∇γ``, SGD's update, ``c`` and ``MARS(c)`` in one pass.
+
+    ``u`` lives in ``scratch`` when it is not ``g`` or the momentum buffer itself.
+    """
+    anchored = anchors is not None
+    one = torch.ones_like(t)
+    coefficients = torch.where(t == 1, one, one * (1 - dampening))  # b = u on the first step
+    radius_grads, norm_list = [], []
+    for i, (p, g, b) in enumerate(zip(params, grads, buffers, strict=True)):
+        state = ftp_states[i] if anchored else {}
+        anchor = anchors[i] if anchored else None
+        c, s = state.get("prev_displacement"), state.get("prev_inv_norm")
+        gradient_pieces, norm_pieces = [], []
+        for p_b, g_b, b_b, a_b, c_b, s_b in row_blocks(p, g, b, anchor, c, s):
+            if anchored:
+                gradient_pieces.append((row_sum(c_b.mul_(g_b)) * s_b).sum())
+            u = g_b
+            if weight_decay != 0:
+                u = torch.add(g_b, p_b, alpha=weight_decay, out=scratch.like(g_b))
+            if momentum != 0:
+                if dampening == 0:
+                    torch.add(u, b_b, alpha=momentum, out=b_b)
+                else:
+                    b_b.mul_(momentum).addcmul_(u, coefficients[i])
+                if nesterov:
+                    u = torch.add(u, b_b, alpha=momentum, out=scratch.like(g_b))
+                else:
+                    u = b_b
+            target = p_b
+            if anchored:
+                if a_b is None:
+                    c_b.copy_(p_b)
+                else:
+                    torch.sub(p_b, a_b, out=c_b)
+                target = c_b
+            add_scaled_([target], [u], -lr)
+            if anchored:
+                norm_pieces.append(row_sum(torch.abs(c_b, out=scratch.like(c_b))))
+        if anchored:
+            radius_grads.append(_sum(gradient_pieces))
+            norm_list.append((norm_pieces[0] if len(norm_pieces) == 1 else torch.cat(norm_pieces)) + NORM_EPS)
+    if not anchored:
+        return
+    radius_grads = damp_radius_gradient(torch.stack(radius_grads), k, xp=xp)
+    displacements = [state["prev_displacement"] for state in ftp_states]
+    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, ftp_states)

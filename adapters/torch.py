@@ -118,6 +118,18 @@ class _Anchored(Optimizer):
             gs.append(g)
         return list(buckets.values())
 
+    def _scratch_for(self, params):
+        """A float32/float64 CPU bucket's `ops.Scratch` (the CPU's single pass); ``None`` otherwise.
+
+        Elsewhere the multi-tensor kernels run: an accelerator has them and a caching
+        allocator; 16-bit tensors keep the path whose statistics are computed as they were.
+        """
+        if params[0].device.type != "cpu" or params[0].dtype not in (torch.float32, torch.float64):
+            return None
+        if "_scratch" not in self.__dict__:  # made lazily: torch pickles only the state and groups
+            self._scratch = ops.Scratch()
+        return self._scratch
+
     def _new_step(self, p):
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
@@ -331,6 +343,7 @@ class AdamFTP(_AdamBase):
             weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"],
             k=group["k"],
+            scratch=self._scratch_for(params),
         )
 
 
@@ -390,6 +403,7 @@ class AdamSPD(_AdamBase):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"],
+            scratch=self._scratch_for(params),
         )
 
 
@@ -473,6 +487,7 @@ class SGDFTP(_Fused):
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             k=group["k"],
+            scratch=self._scratch_for(params),
         )
 
 
@@ -598,7 +613,7 @@ class FTP(_Wrapper):
             t = ops.steps_vector(steps, _compute_dtype(params[0].dtype))
             anchors = [s.get("anchor") for s in states]
             displacements = ops.displacements_into(buffers, params, anchors)
-            ops.ftp_finish(params, anchors, displacements, radius_grads, t, states)
+            ops.ftp_finish(params, anchors, displacements, radius_grads, t, states, self._scratch_for(params))
         return loss
 
 

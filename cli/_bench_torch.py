@@ -15,7 +15,10 @@ baseline's step in the same round.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
+import sys
 import time
 
 import torch
@@ -32,6 +35,27 @@ SGD = {
     "torch SGD(momentum=0.9, foreach)": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True),
     "SGDFTP": lambda p: SGDFTP(p, lr=1e-2, momentum=0.9),
 }
+
+
+def steady_malloc():
+    """Make glibc's ``malloc`` reuse freed memory: no page faults for per-step temporaries.
+
+    ``torch.optim.AdamW(foreach=True)`` allocates its denominators (the model's size) at every
+    step. By default glibc may return them to the system and fault fresh pages in at the
+    next step (83,000 faults per ViT-B/16 step, about half of AdamW's time), or may not,
+    depending on the process's allocation history, so AdamW's step time flips between
+    about 160 and 300 ms from one process to the next. Fixing the mmap and trim thresholds
+    (``mallopt``) gives every optimizer its fault-free time: the baseline at its best.
+    Returns whether it could (glibc only).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # (mallopt takes a C int: 2 GiB - 1 is the largest trim threshold it can set)
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def vit_shapes(depth=12, width=768, mlp=3072, patch=16, tokens=197):
@@ -114,6 +138,7 @@ def run(builders, shapes, device, repeats, warmup):
 
 def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 2) -> list[dict]:
     """One row per tether optimizer against its torch.optim baseline (see `tether bench`)."""
+    steady_malloc()
     shapes = shapes_for(quick)
     repeats = repeats or (5 if quick else 9)
     n = sum(torch.Size(s).numel() for s in shapes)
@@ -156,12 +181,18 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (AdamW's step time then depends on the process's history)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch.set_num_threads (on a shared machine, 1 avoids OpenMP barrier stalls that dwarf the work)",
     )
     args = ap.parse_args(argv)
+    steady = not args.default_malloc and steady_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -170,7 +201,8 @@ def main(argv=None):
     n = sum(torch.Size(s).numel() for s in shapes)
     print(
         f"{len(shapes)} tensors, {n / 1e6:.1f}M parameters, float32, {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, median of {repeats} interleaved steps"
+        f"{torch.get_num_threads()} threads, median of {repeats} interleaved steps, "
+        f"malloc {'steady (mallopt)' if steady else 'default'}"
     )
     print("| optimizer | wall (ms) | wall vs base | CPU (ms) | CPU vs base | state (MiB) |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch_helpers import ANCHORS, make_params, named_groups, set_grads, to_numpy
 
+from tether.adapters import _torch_ops
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 from tether.core.reference import ReferenceOptimizer, closed_loop_problem
 
@@ -26,10 +27,18 @@ def skipped(t):
     return {"scale"} if t % 3 == 2 else ({"fc.bias"} if t == 5 else set())
 
 
+@pytest.fixture(params=["whole", "row_blocks"])
+def blocks(request, monkeypatch):
+    """CPU steps work on blocks of rows of large tensors: make every tensor "large" (one row a block)."""
+    if request.param == "row_blocks":
+        monkeypatch.setattr(_torch_ops, "BLOCK", 1)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("kind", "cls", "hparams"), CASES, ids=lambda c: str(c) if isinstance(c, str) else ""
 )
-def test_float64_trajectory_equals_core(kind, cls, hparams):
+def test_float64_trajectory_equals_core(blocks, kind, cls, hparams):
     problem = closed_loop_problem(seed=3, steps=STEPS)
     params = make_params(problem)
     opt = cls(named_groups(params), **hparams)
@@ -79,7 +88,7 @@ WRAPPED = [
 
 
 @pytest.mark.parametrize(("fused", "wrapped"), WRAPPED)
-def test_wrapper_equals_fused_in_float64(fused, wrapped):
+def test_wrapper_equals_fused_in_float64(blocks, fused, wrapped):
     problem = closed_loop_problem(seed=5, steps=STEPS)
     a, b = make_params(problem), make_params(problem)
     got = _run(wrapped(named_groups(b)), b, problem, STEPS)
