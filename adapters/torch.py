@@ -11,8 +11,9 @@ fused in; ``FTP`` and ``SPD`` wrap any other torch optimizer. Each parameter gro
 All state (anchor, moments, step count, radius and its moments, previous displacement) lives in
 ``optimizer.state[p]``, so ``state_dict()`` / ``load_state_dict()`` carry it and a resumed run
 continues bit for bit. The arithmetic is `tether.core`'s: per-tensor scalar rules are core
-calls on stacked vectors, and the full-size passes are multi-tensor (``torch._foreach_*``)
-kernels checked against the core (``adapters/_torch_ops.py``).
+calls on stacked vectors, and the full-size passes are kernels checked against the core
+(``adapters/_torch_ops.py``): on the CPU one pass over each tensor a block of rows at a time,
+elsewhere multi-tensor (``torch._foreach_*``) ops.
 """
 
 from collections import defaultdict
