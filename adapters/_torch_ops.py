@@ -250,8 +250,7 @@ def _mars_norms(displacement, param, scratch):
     """``MARS(c) + 1e-8``: ``|c|`` into ``scratch`` a block of rows at a time, else into ``param``."""
     if scratch is None:
         return row_sum(torch.abs(displacement, out=param)) + NORM_EPS
-    pieces = [row_sum(torch.abs(c, out=scratch.like(c))) for (c,) in row_blocks(displacement)]
-    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)) + NORM_EPS
+    return _cat([row_sum(torch.abs(c, out=scratch.like(c))) for (c,) in row_blocks(displacement)]) + NORM_EPS
 
 
 def ftp_finish(params, anchors, displacements, radius_grads, t, states, scratch=None):
@@ -455,6 +454,17 @@ def _sum(pieces):
     return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum(0)
 
 
+def _cat(pieces):
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, norm_list, t, k):
+    """The second pass of the FTP steps: the radii's Adam on the stacked scalars, then the projection."""
+    radius_grads = damp_radius_gradient(torch.stack(radius_grads), k, xp=xp)
+    displacements = [state["prev_displacement"] for state in ftp_states]
+    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, ftp_states)
+
+
 def _adam_spd_blocks_(
     params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, scratch
 ):
@@ -530,12 +540,9 @@ def _adam_ftp_blocks_(
                 norm_pieces.append(row_sum(torch.abs(c_b, out=scratch.like(c_b))))
         if anchored:
             radius_grads.append(_sum(gradient_pieces))
-            norm_list.append((norm_pieces[0] if len(norm_pieces) == 1 else torch.cat(norm_pieces)) + NORM_EPS)
-    if not anchored:
-        return
-    radius_grads = damp_radius_gradient(torch.stack(radius_grads), k, xp=xp)
-    displacements = [state["prev_displacement"] for state in ftp_states]
-    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, ftp_states)
+            norm_list.append(_cat(norm_pieces) + NORM_EPS)
+    if anchored:
+        _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, norm_list, t, k)
 
 
 def _sgd_ftp_blocks_(
@@ -594,9 +601,6 @@ def _sgd_ftp_blocks_(
                 norm_pieces.append(row_sum(torch.abs(c_b, out=scratch.like(c_b))))
         if anchored:
             radius_grads.append(_sum(gradient_pieces))
-            norm_list.append((norm_pieces[0] if len(norm_pieces) == 1 else torch.cat(norm_pieces)) + NORM_EPS)
-    if not anchored:
-        return
-    radius_grads = damp_radius_gradient(torch.stack(radius_grads), k, xp=xp)
-    displacements = [state["prev_displacement"] for state in ftp_states]
-    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, ftp_states)
+            norm_list.append(_cat(norm_pieces) + NORM_EPS)
+    if anchored:
+        _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, norm_list, t, k)
