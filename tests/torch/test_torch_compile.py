@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch_helpers import BUILDERS
 
+from tether.adapters import _torch_ops
 from tether.adapters.torch import FTP, SPD
 
 # inductor's imports use torch.jit.script_method, deprecated in this torch
@@ -55,8 +56,11 @@ def _compiled_matches_eager(kind, backend, steps=3):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("blocks", ["whole", "row_blocks"])
 @pytest.mark.parametrize("kind", sorted(COMPILABLE))
-def test_fullgraph_eager_backend(kind):
+def test_fullgraph_eager_backend(kind, blocks, monkeypatch):
+    if blocks == "row_blocks":  # the CPU's single pass, a row at a time
+        monkeypatch.setattr(_torch_ops, "BLOCK", 1)
     torch._dynamo.reset()
     _compiled_matches_eager(kind, "eager")
 
