@@ -133,7 +133,7 @@ def _after(value, previous):
     XLA cannot fold, so every value, −0.0 included, is unchanged. On JAX, each anchored
     variable's step waits for the previous one's last scalar (its decay strength or radius),
     so that XLA:CPU keeps one variable's full-size temporaries alive at a time; that measured
-    about 10% off AdamSPD's update (``docs/benchmarks-keras.md``).
+    about 13% off AdamSPD's update (``docs/benchmarks-keras.md``).
     """
     if previous is None:
         return value
