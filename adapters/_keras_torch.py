@@ -71,14 +71,8 @@ def adam_ftp(optimizer, mode, indices, params, grads, t, lr):
         _anchors(optimizer, mode, indices),
         _ftp_states(optimizer, mode, indices),
         t,
-        lr=lr,
-        beta1=optimizer.beta_1,
-        beta2=optimizer.beta_2,
-        eps=optimizer.epsilon,
-        weight_decay=optimizer.weight_decay,
-        amsgrad=optimizer.amsgrad,
         k=optimizer.k,
-        scratch=_scratch(optimizer, params),
+        **_adam_hyperparameters(optimizer, params, lr),
     )
 
 
@@ -110,6 +104,13 @@ def adam_spd(optimizer, mode, indices, params, grads, t, lr):
         _adam_moments(optimizer, indices),
         _anchors(optimizer, mode, indices),
         t,
+        **_adam_hyperparameters(optimizer, params, lr),
+    )
+
+
+def _adam_hyperparameters(optimizer, params, lr):
+    """The keyword arguments of `_torch_ops`'s Adam steps, from a Keras Adam optimizer."""
+    return dict(
         lr=lr,
         beta1=optimizer.beta_1,
         beta2=optimizer.beta_2,

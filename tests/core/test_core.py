@@ -357,6 +357,18 @@ def test_spd_statistics_then_decay_equals_the_fused_step(backend):
     backend.close(stats.distance, np.linalg.norm(theta - anchor))
 
 
+def test_decay_toward_anchor(backend):
+    """θ ← (1 − s) θ̃ + s θ₀, the same point as θ̃ − s (θ̃ − θ₀); a zero anchor scales θ̃ by 1 − s."""
+    new, anchor = np.array([[1.0, -2.0], [3.0, 0.5]]), np.array([[0.5, 2.5], [2.0, -3.0]])
+
+    def both(n, a):
+        return core.decay_toward_anchor(n, a, 0.3), core.decay_toward_anchor(n, None, 0.3)
+
+    anchored, zero = backend.call(both, new, anchor)
+    backend.close(anchored, new - 0.3 * (new - anchor))
+    backend.close(zero, 0.7 * new)
+
+
 # --- a whole step, composed as the adapters compose it ----------------------------------------
 
 
