@@ -232,7 +232,7 @@ def radius_gradients_(grads, prev_displacements, prev_inv_norms, *, k):
     values = []
     for g, c, s in zip(grads, prev_displacements, prev_inv_norms, strict=True):
         blocks = [(row_sum(c_b.mul_(g_b)) * s_b).sum() for g_b, c_b, s_b in row_blocks(g, c, s)]
-        values.append(blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum())
+        values.append(_sum(blocks))
     return damp_radius_gradient(torch.stack(values), k, xp=xp)
 
 
@@ -298,6 +298,18 @@ def spd_keep(alignment, distance, new_distance, weight_decay):
     ``λ r`` is ``core.decay_strength`` on the stacked per-tensor scalars.
     """
     return 1 - decay_strength(SPDStatistics(alignment, distance), new_distance, weight_decay, xp=xp)
+
+
+def spd_decay_(params, anchors, keep):
+    """``θ ← θ₀ + keep · (θ̃ − θ₀)`` in place, the parameters holding ``θ̃ − θ₀``; ``keep`` is `spd_keep`.
+
+    A bucket has one anchor mode: ``anchors`` are all ``θ₀`` or all ``None`` (zero anchors).
+    """
+    if anchors[0] is None:
+        torch._foreach_mul_(params, keep.unbind(0))
+        return
+    for p, anchor, factor in zip(params, anchors, keep.unbind(0), strict=True):
+        torch.addcmul(anchor, p, factor, out=p)
 
 
 # -- whole steps of one bucket --------------------------------------------------------------
@@ -423,18 +435,12 @@ def adam_spd_step_(
     if anchors is None:
         adam_update_(params, exp_avgs, second, t, **adam)
         return
-    init = anchors[0] is not None
-    if init:
+    if anchors[0] is not None:
         torch._foreach_sub_(params, anchors)
     alignment = torch.stack([dot(g, p) for g, p in zip(grads, params, strict=True)])
     distance = norms(params)
     adam_update_(params, exp_avgs, second, t, **adam)
-    keep = spd_keep(alignment, distance, norms(params), weight_decay).unbind(0)
-    if init:
-        for p, anchor, factor in zip(params, anchors, keep, strict=True):
-            torch.addcmul(anchor, p, factor, out=p)
-    else:
-        torch._foreach_mul_(params, keep)
+    spd_decay_(params, anchors, spd_keep(alignment, distance, norms(params), weight_decay))
 
 
 # -- the CPU's single pass ------------------------------------------------------------------
@@ -444,10 +450,6 @@ def adam_spd_step_(
 # at a time (`row_blocks`), running every op of the step on the block while it is in cache:
 # Adam's moments, the statistics, the base step and the norm of the result; only the part
 # that needs a whole-tensor scalar (the decay, the projection) takes a second pass.
-
-
-def _dot(a, b):
-    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _sum(pieces):
@@ -480,21 +482,20 @@ def _adam_spd_blocks_(
             if anchored:
                 if a_b is not None:
                     p_b.sub_(a_b)  # the parameters hold θ − θ₀ until the decay
-                before = (_dot(g_b, p_b), _dot(p_b, p_b))
+                before = (dot(g_b, p_b), dot(p_b, p_b))
             adam_block_update_(p_b, m_b, second, scale[i], offset[i], value, scratch)
             if anchored:
-                pieces.append(torch.stack([*before, _dot(p_b, p_b)]))
+                pieces.append(torch.stack([*before, dot(p_b, p_b)]))
         if anchored:
             sums.append(_sum(pieces))
     if not anchored:
         return
     alignment, distance_sq, new_distance_sq = torch.stack(sums).unbind(1)
-    keep = spd_keep(alignment, torch.sqrt(distance_sq), torch.sqrt(new_distance_sq), weight_decay)
-    for p, anchor, factor in zip(params, anchors, keep.unbind(0), strict=True):
-        if anchor is None:
-            p.mul_(factor)
-        else:
-            torch.addcmul(anchor, p, factor, out=p)
+    spd_decay_(
+        params,
+        anchors,
+        spd_keep(alignment, torch.sqrt(distance_sq), torch.sqrt(new_distance_sq), weight_decay),
+    )
 
 
 def _adam_ftp_blocks_(
