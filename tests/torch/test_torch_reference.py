@@ -6,7 +6,7 @@ import torch
 from torch_helpers import ANCHORS, make_params, named_groups, set_grads, to_numpy
 
 from tether.adapters import _torch_ops
-from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
+from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD, _Anchored
 from tether.core.reference import ReferenceOptimizer, closed_loop_problem
 
 STEPS = 25
@@ -27,11 +27,18 @@ def skipped(t):
     return {"scale"} if t % 3 == 2 else ({"fc.bias"} if t == 5 else set())
 
 
-@pytest.fixture(params=["whole", "row_blocks"])
+@pytest.fixture(params=["whole", "row_blocks", "multi_tensor"])
 def blocks(request, monkeypatch):
-    """CPU steps work on blocks of rows of large tensors: make every tensor "large" (one row a block)."""
+    """The CPU's single pass on whole tensors, one row per block, or the multi-tensor path.
+
+    Float32/float64 CPU steps take the single pass, a block of rows at a time; making every
+    tensor "large" gives one row a block. Without a scratch buffer a step takes the
+    multi-tensor path that accelerators and 16-bit tensors take.
+    """
     if request.param == "row_blocks":
         monkeypatch.setattr(_torch_ops, "BLOCK", 1)
+    if request.param == "multi_tensor":
+        monkeypatch.setattr(_Anchored, "_scratch_for", lambda self, params: None)
     return request.param
 
 
