@@ -11,11 +11,14 @@ against the core at 1e-12 in float64.
 No function here reads a device value on the host, so a step traces under
 ``torch.compile(fullgraph=True)`` and never synchronises a GPU stream. The learning rate ``lr``
 is a Python float (``torch.optim``'s convention) or a 0-d tensor on the tensors' device (what
-Keras passes on its torch backend): a tensor is never read on the host.
+Keras passes on its torch backend): a tensor is never read on the host, except by the C
+kernels' path, which takes only CPU tensors and never runs in a trace.
 
-The three ``*_step_`` functions at the end are whole steps of one bucket (tensors of one device,
-dtype and anchor mode); `tether.adapters.torch` and, on the torch backend,
-`tether.adapters.keras` both call them.
+The three ``*_step_`` functions are whole steps of one bucket (tensors of one device, dtype
+and anchor mode); `tether.adapters.torch` and, on the torch backend, `tether.adapters.keras`
+both call them. On the CPU they make one pass over each tensor a block of rows at a time,
+and FTP's steps call the C kernels of ``adapters/_kernels.c`` where those were built (the
+end of this module).
 """
 
 import array_api_compat.torch as compat_torch
@@ -267,9 +270,12 @@ def ftp_finish(params, anchors, displacements, radius_grads, t, states, scratch=
     ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, states)
 
 
-def ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, states):
-    """`ftp_finish` given the norms ``n = MARS(c) + 1e-8``: the radius step, then the projection."""
-    max_norms = torch.stack([n.max() for n in norm_list])
+def radius_step_(states, radius_grads, max_norms, t):
+    """The radii's own Adam and clip (``core.radius_update`` on the stacked scalars), in place.
+
+    ``states`` are the tensors' ``optimizer.state`` dicts, whose ``radius`` and moments are
+    updated; ``max_norms`` is ``max n`` of each tensor. Returns the new radii, a vector.
+    """
     keys = ("radius", "radius_exp_avg", "radius_exp_avg_sq")
     stacked = [torch.stack([s[key] for s in states]) for key in keys]
     scalar_state = FTPState(*stacked, prev_displacement=None, prev_inv_norm=None)
@@ -278,8 +284,17 @@ def ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, sta
     )
     for key, values in zip(keys, updated, strict=True):
         torch._foreach_copy_([s[key] for s in states], list(values.unbind(0)))
+    return updated[0]
+
+
+def ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, states):
+    """`ftp_finish` given the norms ``n = MARS(c) + 1e-8``: the radius step, then the projection."""
+    radii = radius_step_(states, radius_grads, torch.stack([n.max() for n in norm_list]), t)
+    if kernels_take(params, anchors, displacements, norm_list, [s["prev_inv_norm"] for s in states]):
+        _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states)
+        return
     for param, anchor, c, n, radius, state in zip(
-        params, anchors, displacements, norm_list, updated[0].unbind(0), states, strict=True
+        params, anchors, displacements, norm_list, radii.unbind(0), states, strict=True
     ):
         scale = torch.clamp(radius.to(n.dtype) / n, 0.0, 1.0)
         if anchor is None:
@@ -384,11 +399,15 @@ def sgd_ftp_step_(
 
     ``anchors``, ``ftp_states`` and ``scratch`` as in `adam_ftp_step_`.
     """
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    if scratch is not None and anchors is not None:
+        displacements = [s["prev_displacement"] for s in ftp_states]
+        inv_norms = [s["prev_inv_norm"] for s in ftp_states]
+        if kernels_take(params, grads, buffers, anchors, displacements, inv_norms):
+            _sgd_ftp_kernels_(params, grads, buffers, anchors, ftp_states, t, **hyper, k=k)
+            return
     if scratch is not None:
-        _sgd_ftp_blocks_(
-            params, grads, buffers, anchors, ftp_states, t, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, k=k, scratch=scratch,
-        )  # fmt: skip
+        _sgd_ftp_blocks_(params, grads, buffers, anchors, ftp_states, t, **hyper, k=k, scratch=scratch)
         return
     if anchors is not None:
         displacements = [s["prev_displacement"] for s in ftp_states]
@@ -605,3 +624,89 @@ def _sgd_ftp_blocks_(
             norm_list.append(_cat(norm_pieces) + NORM_EPS)
     if anchored:
         _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, norm_list, t, k)
+
+
+# -- the C kernels --------------------------------------------------------------------------
+#
+# Where `adapters/_kernels.c` was compiled at install, a CPU step of SGD-FTP runs its SGD step,
+# ∇γ, c and MARS(c) as one C loop over each tensor, and every FTP step its projection as
+# another: eager PyTorch pays one sweep per op, even over a block in cache. The scalar rules
+# (the radii's Adam, the damping) stay calls into the core, as above.
+
+try:
+    from . import _kernels
+except ImportError:  # built without a C compiler: the single pass above does the same in PyTorch
+    _kernels = None
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+def kernels_take(*tensor_lists):
+    """Whether the C kernels take these lists of tensors (``None`` entries allowed).
+
+    They take CPU tensors, contiguous, non-empty and all of one dtype, float32 or float64,
+    outside a traced step (a graph cannot call C through addresses).
+    """
+    if _kernels is None or torch.compiler.is_compiling():
+        return False
+    dtype = tensor_lists[0][0].dtype
+    return dtype in _KERNEL_DTYPES and all(
+        x is None or (x.device.type == "cpu" and x.dtype == dtype and x.is_contiguous() and x.numel() > 0)
+        for tensors in tensor_lists
+        for x in tensors
+    )
+
+
+def _rows_cols(x):
+    """``x`` as the C kernels see it: ``(rows, cols)``, MARS reducing each row (a vector is one row)."""
+    rows = x.shape[0] if x.ndim >= 2 else 1
+    return rows, x.numel() // rows
+
+
+def _address(x):
+    return 0 if x is None else x.data_ptr()
+
+
+def _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states):
+    """The projection loop of `ftp_project_` in C, one call per tensor; ``radii`` from `radius_step_`."""
+    code = _KERNEL_DTYPES[params[0].dtype]
+    threads = torch.get_num_threads()
+    inv_norms = [state["prev_inv_norm"] for state in states]
+    for p, a, c, n, radius, s in zip(
+        params, anchors, displacements, norm_list, radii.to(params[0].dtype).tolist(), inv_norms, strict=True
+    ):
+        rows, cols = _rows_cols(p)
+        addresses = (p.data_ptr(), _address(a), c.data_ptr(), n.data_ptr(), s.data_ptr())
+        _kernels.ftp_project(code, *addresses, radius, rows, cols, threads)
+    # the kernels wrote through addresses: tell autograd, as an in-place op would have
+    torch.autograd.graph.increment_version(params + inv_norms)
+
+
+def _sgd_ftp_kernels_(
+    params, grads, buffers, anchors, ftp_states, t, *, lr, momentum, dampening, weight_decay, nesterov, k
+):
+    """`sgd_ftp_step_` in C: one sweep per tensor (SGD, ``∇γ``, ``c``, ``MARS(c)``), then the projection's."""
+    code = _KERNEL_DTYPES[params[0].dtype]
+    threads = torch.get_num_threads()
+    lr = float(lr)  # a 0-d tensor (Keras) is on the CPU here: reading it syncs nothing
+    displacements = [state["prev_displacement"] for state in ftp_states]
+    norm_list, radius_grads, max_norms = [], [], []
+    for p, g, b, a, c, state, first in zip(
+        params, grads, buffers, anchors, displacements, ftp_states, (t == 1).tolist(), strict=True
+    ):
+        n = torch.empty_like(state["prev_inv_norm"])
+        rows, cols = _rows_cols(p)
+        coefficient = 1.0 if first else 1.0 - dampening  # b = u on the first step
+        radius_grad, max_norm = _kernels.sgd_ftp_displace(
+            code, p.data_ptr(), g.data_ptr(), _address(b if momentum != 0 else None), _address(a),
+            c.data_ptr(), state["prev_inv_norm"].data_ptr(), n.data_ptr(), rows, cols, lr, momentum,
+            coefficient, weight_decay, nesterov, threads,
+        )  # fmt: skip
+        norm_list.append(n)
+        radius_grads.append(radius_grad)
+        max_norms.append(max_norm)
+    dtype = params[0].dtype
+    torch.autograd.graph.increment_version(displacements + [b for b in buffers if b is not None])
+    radius_grads = damp_radius_gradient(torch.tensor(radius_grads, dtype=dtype), k, xp=xp)
+    radii = radius_step_(ftp_states, radius_grads, torch.tensor(max_norms, dtype=dtype), t)
+    _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, ftp_states)

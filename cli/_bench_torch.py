@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from tether.adapters import _torch_ops
 from tether.adapters.torch import SGDFTP, AdamFTP, AdamSPD
 
 #: The two families, each a dict whose first entry is the baseline of the others.
@@ -56,6 +57,17 @@ def steady_malloc():
     m_trim_threshold, m_mmap_threshold = -1, -3
     # (mallopt takes a C int: 2 GiB - 1 is the largest trim threshold it can set)
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def kernels_state():
+    """Whether FTP's CPU steps run the C kernels: "on", or "off" and why."""
+    if _torch_ops._kernels is not None:
+        return "on"
+    try:
+        from tether.adapters import _kernels  # noqa: F401
+    except ImportError:
+        return "off (not built)"
+    return "off (--no-kernels)"
 
 
 def vit_shapes(depth=12, width=768, mlp=3072, patch=16, tokens=197):
@@ -166,6 +178,7 @@ def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 
                     "params": n,
                     "repeats": repeats,
                     "threads": torch.get_num_threads(),
+                    "kernels": kernels_state(),
                 }
             )
     return rows
@@ -191,7 +204,14 @@ def main(argv=None):
         default=None,
         help="torch.set_num_threads (on a shared machine, 1 avoids OpenMP barrier stalls that dwarf the work)",
     )
+    ap.add_argument(
+        "--no-kernels",
+        action="store_true",
+        help="the PyTorch single pass instead of the C kernels (adapters/_kernels.c) for FTP's CPU steps",
+    )
     args = ap.parse_args(argv)
+    if args.no_kernels:
+        _torch_ops._kernels = None
     steady = not args.default_malloc and steady_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,7 +222,7 @@ def main(argv=None):
     print(
         f"{len(shapes)} tensors, {n / 1e6:.1f}M parameters, float32, {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, median of {repeats} interleaved steps, "
-        f"malloc {'steady (mallopt)' if steady else 'default'}"
+        f"malloc {'steady (mallopt)' if steady else 'default'}, C kernels {kernels_state()}"
     )
     print("| optimizer | wall (ms) | wall vs base | CPU (ms) | CPU vs base | state (MiB) |")
     print("|---|---:|---:|---:|---:|---:|")

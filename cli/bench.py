@@ -162,6 +162,9 @@ def main(args):
         )
     print(format_table(rows) if rows else "(no rows)")
     print("\n" + NOTES)
+    kernels = sorted({r["kernels"] for r in rows if r.get("kernels")})
+    if kernels:
+        print(f"\ntorch: FTP's CPU steps ran the C kernels: {', '.join(kernels)}.")
     for backend, error in errors:
         print(f"\nERROR {backend}:\n{error}")
     if args.device != "cpu" and not any(r["device"] in GPU_NAMES for r in rows):

@@ -92,4 +92,8 @@ def test_a_real_quick_torch_run(tmp_path):
         assert r["backend"] == "torch" and r["device"] == "cpu"
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["ratio"] > 0
         assert r["state_bytes_per_param"] > 0 and r["baseline_state_bytes_per_param"] > 0
+    from tether._bench_torch import kernels_state
+
+    assert {r["kernels"] for r in rows} == {kernels_state()}
+    assert f"ran the C kernels: {kernels_state()}." in result.stdout
     assert "AdamSPD" in result.stdout

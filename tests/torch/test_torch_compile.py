@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch_helpers import BUILDERS
+from torch_helpers import BUILDERS, require_kernels
 
 from tether.adapters import _torch_ops
 from tether.adapters.torch import FTP, SPD
@@ -56,9 +56,14 @@ def _compiled_matches_eager(kind, backend, steps=3):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", ["whole", "row_blocks"])
+@pytest.mark.parametrize("blocks", ["kernels", "whole", "row_blocks"])
 @pytest.mark.parametrize("kind", sorted(COMPILABLE))
 def test_fullgraph_eager_backend(kind, blocks, monkeypatch):
+    # a traced step never calls the C kernels; "kernels": the eager steps do
+    if blocks == "kernels":
+        require_kernels()
+    else:
+        monkeypatch.setattr(_torch_ops, "_kernels", None)
     if blocks == "row_blocks":  # the CPU's single pass, a row at a time
         monkeypatch.setattr(_torch_ops, "BLOCK", 1)
     torch._dynamo.reset()

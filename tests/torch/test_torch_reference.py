@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torch_helpers import ANCHORS, make_params, named_groups, set_grads, to_numpy
+from torch_helpers import ANCHORS, make_params, named_groups, require_kernels, set_grads, to_numpy
 
 from tether.adapters import _torch_ops
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD, _Anchored
@@ -27,14 +27,20 @@ def skipped(t):
     return {"scale"} if t % 3 == 2 else ({"fc.bias"} if t == 5 else set())
 
 
-@pytest.fixture(params=["whole", "row_blocks", "multi_tensor"])
+@pytest.fixture(params=["kernels", "whole", "row_blocks", "multi_tensor"])
 def blocks(request, monkeypatch):
-    """The CPU's single pass on whole tensors, one row per block, or the multi-tensor path.
+    """The fused C kernels, or the CPU's single pass in PyTorch on whole tensors or one row per
+    block, or the multi-tensor path.
 
-    Float32/float64 CPU steps take the single pass, a block of rows at a time; making every
-    tensor "large" gives one row a block. Without a scratch buffer a step takes the
-    multi-tensor path that accelerators and 16-bit tensors take.
+    Float32/float64 CPU steps take the C kernels where they were built (SGD-FTP's step and
+    every FTP projection), and the single pass for the rest, a block of rows at a time;
+    making every tensor "large" gives one row a block. Without a scratch buffer a step takes
+    the multi-tensor path that accelerators and 16-bit tensors take.
     """
+    if request.param == "kernels":
+        require_kernels()
+    else:
+        monkeypatch.setattr(_torch_ops, "_kernels", None)
     if request.param == "row_blocks":
         monkeypatch.setattr(_torch_ops, "BLOCK", 1)
     if request.param == "multi_tensor":

@@ -1,8 +1,12 @@
 """Shared builders for the torch adapter's tests (imported by the tests and by the resume child)."""
 
+import os
+
 import numpy as np
+import pytest
 import torch
 
+from tether.adapters import _torch_ops
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 from tether.core.reference import closed_loop_problem
 
@@ -116,3 +120,16 @@ def to_numpy(params):
 
 
 __all__ = ["np"]
+
+
+def require_kernels():
+    """The fused C kernels (`tether.adapters._kernels`); skip a test where they were not built.
+
+    Under nox (``TETHER_REQUIRE_KERNELS=1``) a missing build fails instead: there, the package
+    is built on a machine with a C compiler, so a missing module is a broken build.
+    """
+    if _torch_ops._kernels is None:
+        if os.environ.get("TETHER_REQUIRE_KERNELS") == "1":
+            pytest.fail("tether.adapters._kernels was not built (TETHER_REQUIRE_KERNELS=1)")
+        pytest.skip("tether.adapters._kernels was not built (no C compiler at install)")
+    return _torch_ops._kernels

@@ -1,0 +1,215 @@
+"""The fused C kernels (adapters/_kernels.c) against the PyTorch single pass they replace.
+
+`test_torch_reference.py` runs every float64 trajectory through the kernels against the
+NumPy core at 1e-12; here: float32, every SGD option and anchor mode, shapes whose rows are
+not a multiple of the kernels' 16 lanes, which tensors take them, threads, autograd's
+version counters, NaN and the kernels' own argument checks.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch_helpers import require_kernels
+
+from tether.adapters import _torch_ops
+from tether.adapters.torch import SGDFTP, AdamFTP
+
+#: A scalar, a vector, a matrix whose rows are not a multiple of 16 lanes, a conv kernel.
+SHAPES = [(), (37,), (33, 19), (6, 3, 5, 5)]
+SGD_OPTIONS = [
+    dict(lr=0.05),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01, k=0.8),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.001),
+]
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14)}
+
+
+@pytest.fixture(autouse=True)
+def kernels():
+    return require_kernels()
+
+
+@contextlib.contextmanager
+def without_kernels():
+    saved = _torch_ops._kernels
+    _torch_ops._kernels = None
+    try:
+        yield
+    finally:
+        _torch_ops._kernels = saved
+
+
+def run(cls, options, anchor, dtype, steps=6, shapes=SHAPES, seed=0, grad_layout=None):
+    """Parameters and optimizer state after ``steps`` steps.
+
+    The gradients keep one direction (plus noise), so that the radii grow and the projection
+    moves the parameters well away from their anchors, which are small (1e-3): a wrong
+    projection shows at float32's tolerance.
+    """
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(1e-3 * torch.randn(s, dtype=dtype)) for s in shapes]
+    directions = [torch.randn(s, dtype=dtype) for s in shapes]
+    opt = cls([{"params": params, "anchor": anchor}], **options)
+    for t in range(steps):
+        gen = torch.Generator().manual_seed(100 * seed + t)
+        for p, direction in zip(params, directions, strict=True):
+            g = direction + 0.3 * torch.randn(p.shape, generator=gen, dtype=dtype)
+            p.grad = g if grad_layout is None else grad_layout(g)
+        opt.step()
+    return params, opt
+
+
+def assert_same_run(a, b, dtype):
+    (params_a, opt_a), (params_b, opt_b) = a, b
+    for p, q in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(p, q, **TOLERANCE[dtype])
+        for key, value in opt_a.state[p].items():
+            torch.testing.assert_close(value, opt_b.state[q][key], **TOLERANCE[dtype], msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("anchor", ["init", "zero"])
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: ",".join(o))
+def test_sgd_ftp_equals_single_pass(options, anchor, dtype):
+    with_kernels = run(SGDFTP, options, anchor, dtype)
+    with without_kernels():
+        without = run(SGDFTP, options, anchor, dtype)
+    assert_same_run(with_kernels, without, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("anchor", ["init", "zero"])
+def test_adam_ftp_projection_equals_single_pass(anchor, dtype):
+    options = dict(lr=0.05, weight_decay=0.01)
+    with_kernels = run(AdamFTP, options, anchor, dtype)
+    with without_kernels():
+        without = run(AdamFTP, options, anchor, dtype)
+    assert_same_run(with_kernels, without, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("anchor", ["init", "zero"])
+def test_large_tensors_equal_single_pass(anchor, dtype):
+    """Tensors of 4 MiB and more take the projection's streaming stores; rows of an odd length
+    start off the 16-byte boundary those need."""
+    shapes = [(1100 if dtype == torch.float32 else 550, 1001)]
+    options = dict(lr=0.05, momentum=0.9)
+    with_kernels = run(SGDFTP, options, anchor, dtype, steps=3, shapes=shapes)
+    with without_kernels():
+        without = run(SGDFTP, options, anchor, dtype, steps=3, shapes=shapes)
+    assert_same_run(with_kernels, without, dtype)
+
+
+def count_calls(monkeypatch, kernels):
+    calls = {"sgd_ftp_displace": 0, "ftp_project": 0}
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls[name] += 1
+                return getattr(kernels, name)(*args)
+
+            return call
+
+    monkeypatch.setattr(_torch_ops, "_kernels", Spy())
+    return calls
+
+
+def test_cpu_float_tensors_take_the_kernels(monkeypatch, kernels):
+    calls = count_calls(monkeypatch, kernels)
+    run(SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float32, steps=2)
+    assert calls == {"sgd_ftp_displace": 2 * len(SHAPES), "ftp_project": 2 * len(SHAPES)}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["bfloat16", "transposed grads", "unanchored"],
+)
+def test_other_tensors_keep_the_pytorch_path(case, monkeypatch, kernels):
+    calls = count_calls(monkeypatch, kernels)
+    shapes = [(8, 5), (5,)]
+    if case == "bfloat16":
+        run(SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.bfloat16, steps=2, shapes=shapes)
+    elif case == "transposed grads":
+        # a gradient with the parameter's shape but not contiguous: the kernels read addresses
+        layout = lambda g: g.t().contiguous().t() if g.ndim == 2 else g  # noqa: E731
+        got = run(
+            SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float64, shapes=shapes, grad_layout=layout
+        )
+        with without_kernels():
+            expected = run(SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float64, shapes=shapes)
+        assert_same_run(got, expected, torch.float64)
+        # the projection reads no gradient: it still runs in C
+        assert calls == {"sgd_ftp_displace": 0, "ftp_project": 6 * len(shapes)}
+        return
+    else:
+        run(SGDFTP, dict(lr=0.05, momentum=0.9), None, torch.float32, steps=2, shapes=shapes)
+    assert calls == {"sgd_ftp_displace": 0, "ftp_project": 0}
+
+
+@pytest.mark.parametrize("cls", [SGDFTP, AdamFTP], ids=lambda c: c.__name__)
+def test_threads_do_not_change_the_result(cls):
+    """Rows are shared among threads; every sum over rows is taken in row order by one thread."""
+    shapes = [(300, 257), (1000,)]  # large enough for a parallel region
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(cls, dict(lr=0.05), "init", torch.float32, shapes=shapes)
+        torch.set_num_threads(4)
+        four = run(cls, dict(lr=0.05), "init", torch.float32, shapes=shapes)
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(one[0], four[0], strict=True):
+        assert torch.equal(p, q)
+
+
+def test_autograd_sees_the_in_place_update():
+    """The kernels write through addresses; the step still bumps the tensors' version counters,
+    so a graph that saved a parameter before the step refuses to backpropagate through it."""
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = SGDFTP([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    saved = (p * p).sum()  # saves p
+    versions = (
+        p._version,
+        opt.state[p]["prev_displacement"]._version,
+        opt.state[p]["momentum_buffer"]._version,
+    )
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    after = (p._version, opt.state[p]["prev_displacement"]._version, opt.state[p]["momentum_buffer"]._version)
+    assert all(b > a for a, b in zip(versions, after, strict=True))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+def test_nan_gradients_give_what_the_pytorch_path_gives():
+    def nan_in_second_row(g):
+        if g.ndim >= 2:
+            g[1, 0] = float("nan")
+        return g
+
+    with_kernels = run(
+        SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float32, grad_layout=nan_in_second_row
+    )
+    with without_kernels():
+        without = run(
+            SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float32, grad_layout=nan_in_second_row
+        )
+    assert with_kernels[0][2].isnan().any()
+    for p, q in zip(with_kernels[0], without[0], strict=True):
+        torch.testing.assert_close(p, q, equal_nan=True, **TOLERANCE[torch.float32])
+
+
+def test_the_kernels_check_their_arguments(kernels):
+    x = torch.zeros(4)
+    address = x.data_ptr()
+    with pytest.raises(ValueError, match="dtype code"):
+        kernels.ftp_project(2, address, 0, address, address, address, 1.0, 1, 4, 1)
+    with pytest.raises(ValueError, match="rows must be"):
+        kernels.ftp_project(0, address, 0, address, address, address, 1.0, 0, 4, 1)
+    with pytest.raises(TypeError):
+        kernels.sgd_ftp_displace(0, address)
