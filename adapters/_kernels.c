@@ -34,6 +34,8 @@
 
 /* Independent partial sums per row: the reduction loops vectorize without reassociating math. */
 #define LANES 16
+/* Values per row summed in T before their partial sums join a double (a multiple of LANES). */
+#define CHUNK 256
 /* Tensors at least this large (bytes) get the projection's result written past the cache:
  * the parameter is not read in that sweep, and a normal store would first read it in. */
 #define STREAM_BYTES (4L << 20)
@@ -205,30 +207,36 @@ PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
         L1 += ABS(ci);                                                                                \
     } while (0)
 
-/* One row of `displace`: returns Σ_j |c_j| and sets *dot_out = Σ_j c_prev_j · g_j, each summed
- * in LANES partial sums (so that the loop vectorizes) and then the tail. */
+/* One row of `displace`: returns Σ_j |c_j| and sets *dot_out = Σ_j c_prev_j · g_j. Each is
+ * summed in LANES partial sums of T (so that the loop vectorizes) over CHUNK values at a time,
+ * whose results are added up in double: a float32 row of any length is summed about as
+ * accurately as PyTorch's cascade sum. */
 static inline __attribute__((always_inline)) T NAME(displace_row)(
     T *restrict p, const T *restrict g, T *restrict b, const T *restrict a, T *restrict c, Py_ssize_t cols,
     T lr, T m, T coef, T wd, const int has_momentum, const int has_anchor, const int has_wd,
     const int nesterov, T *restrict dot_out) {
-    T dot[LANES] = {0}, l1[LANES] = {0};
-    T dot_sum = 0, l1_sum = 0;
+    double dot_sum = 0, l1_sum = 0;
     Py_ssize_t j = 0;
-    for (; j + LANES <= cols; j += LANES) {
-        __builtin_prefetch(g + j + AHEAD);
-        __builtin_prefetch(c + j + AHEAD, 1);
-        __builtin_prefetch(p + j + AHEAD);
-        if (has_anchor) __builtin_prefetch(a + j + AHEAD);
-        if (has_momentum) __builtin_prefetch(b + j + AHEAD, 1);
-        for (int k = 0; k < LANES; k++) DISPLACE_ONE(j + k, dot[k], l1[k]);
+    while (j + LANES <= cols) {
+        T dot[LANES] = {0}, l1[LANES] = {0};
+        const Py_ssize_t end = cols - j > CHUNK ? j + CHUNK : cols;
+        for (; j + LANES <= end; j += LANES) {
+            __builtin_prefetch(g + j + AHEAD);
+            __builtin_prefetch(c + j + AHEAD, 1);
+            __builtin_prefetch(p + j + AHEAD);
+            if (has_anchor) __builtin_prefetch(a + j + AHEAD);
+            if (has_momentum) __builtin_prefetch(b + j + AHEAD, 1);
+            for (int k = 0; k < LANES; k++) DISPLACE_ONE(j + k, dot[k], l1[k]);
+        }
+        for (int k = 0; k < LANES; k++) {
+            dot_sum += dot[k];
+            l1_sum += l1[k];
+        }
     }
-    for (; j < cols; j++) DISPLACE_ONE(j, dot_sum, l1_sum);
-    for (int k = 0; k < LANES; k++) {
-        dot_sum += dot[k];
-        l1_sum += l1[k];
-    }
-    *dot_out = dot_sum;
-    return l1_sum;
+    T dot_tail = 0, l1_tail = 0;
+    for (; j < cols; j++) DISPLACE_ONE(j, dot_tail, l1_tail);
+    *dot_out = (T)(dot_sum + dot_tail);
+    return (T)(l1_sum + l1_tail);
 }
 
 /* sgd_ftp_displace for one tensor: dots_r = s_r · ⟨c_prev, g⟩_r and n_r = Σ_j |c_rj| + 1e-8. */
