@@ -121,16 +121,14 @@ static int check_shape(Py_ssize_t rows, Py_ssize_t cols) {
 static PyObject *sgd_ftp_displace(PyObject *self, PyObject *args) {
     (void)self;
     int dtype, nesterov, threads;
-    unsigned long long p, g, b, a, c, s, n;
+    unsigned long long p, g, b, a, c, s, n, dots_address;
     Py_ssize_t rows, cols;
     double lr, momentum, coef, wd;
-    if (!PyArg_ParseTuple(args, "iKKKKKKKnnddddpi", &dtype, &p, &g, &b, &a, &c, &s, &n, &rows, &cols, &lr,
-                          &momentum, &coef, &wd, &nesterov, &threads))
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKnnddddpi", &dtype, &p, &g, &b, &a, &c, &s, &n, &dots_address, &rows,
+                          &cols, &lr, &momentum, &coef, &wd, &nesterov, &threads))
         return NULL;
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
-    double *dots = PyMem_RawMalloc((size_t)rows * sizeof(double));
-    if (!dots) return PyErr_NoMemory();
-    double grad = 0, max_norm = 0;
+    double *dots = (double *)dots_address, grad = 0, max_norm = 0;
     Py_BEGIN_ALLOW_THREADS;
     if (dtype == 0) {
         displace_f32((float *)p, (const float *)g, (float *)b, (const float *)a, (float *)c, (const float *)s,
@@ -143,7 +141,6 @@ static PyObject *sgd_ftp_displace(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
     Py_END_ALLOW_THREADS;
-    PyMem_RawFree(dots);
     return Py_BuildValue("dd", grad, max_norm);
 }
 
@@ -169,10 +166,11 @@ static PyObject *ftp_project(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"sgd_ftp_displace", sgd_ftp_displace, METH_VARARGS,
-     "sgd_ftp_displace(dtype, p, g, b, a, c, s, n, rows, cols, lr, momentum, coef, weight_decay, nesterov, "
-     "threads) -> (radius_grad, max_norm)\n\n"
+     "sgd_ftp_displace(dtype, p, g, b, a, c, s, n, dots, rows, cols, lr, momentum, coef, weight_decay, "
+     "nesterov, threads) -> (radius_grad, max_norm)\n\n"
      "One tensor's SGD step and FTP statistics in one sweep (addresses as integers; b = 0 without momentum, "
-     "a = 0 for a zero anchor); c_prev is overwritten by c and n receives MARS(c) + 1e-8."},
+     "a = 0 for a zero anchor); c_prev is overwritten by c, n receives MARS(c) + 1e-8, and dots (rows "
+     "float64 values) is scratch."},
     {"ftp_project", ftp_project, METH_VARARGS,
      "ftp_project(dtype, p, a, c, n, s, radius, rows, cols, threads) -> None\n\n"
      "p = a + clip(radius / n_r, 0, 1) * c_r (a = 0: a zero anchor) and s_r = 1 / n_r."},

@@ -690,19 +690,21 @@ def _sgd_ftp_kernels_(
     threads = torch.get_num_threads()
     lr = float(lr)  # a 0-d tensor (Keras) is on the CPU here: reading it syncs nothing
     displacements = [state["prev_displacement"] for state in ftp_states]
-    norm_list, radius_grads, max_norms = [], [], []
-    for p, g, b, a, c, state, first in zip(
-        params, grads, buffers, anchors, displacements, ftp_states, (t == 1).tolist(), strict=True
+    inv_norms = [state["prev_inv_norm"] for state in ftp_states]
+    # everything the loop needs is allocated first: once a tensor is updated, nothing can fail
+    norm_list = [torch.empty_like(s) for s in inv_norms]
+    dots = torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+    radius_grads, max_norms = [], []
+    for p, g, b, a, c, s, n, first in zip(
+        params, grads, buffers, anchors, displacements, inv_norms, norm_list, (t == 1).tolist(), strict=True
     ):
-        n = torch.empty_like(state["prev_inv_norm"])
         rows, cols = _rows_cols(p)
         coefficient = 1.0 if first else 1.0 - dampening  # b = u on the first step
         radius_grad, max_norm = _kernels.sgd_ftp_displace(
             code, p.data_ptr(), g.data_ptr(), _address(b if momentum != 0 else None), _address(a),
-            c.data_ptr(), state["prev_inv_norm"].data_ptr(), n.data_ptr(), rows, cols, lr, momentum,
+            c.data_ptr(), s.data_ptr(), n.data_ptr(), dots.data_ptr(), rows, cols, lr, momentum,
             coefficient, weight_decay, nesterov, threads,
         )  # fmt: skip
-        norm_list.append(n)
         radius_grads.append(radius_grad)
         max_norms.append(max_norm)
     dtype = params[0].dtype
