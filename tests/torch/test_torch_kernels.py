@@ -61,6 +61,14 @@ def run(cls, options, anchor, dtype, steps=6, shapes=SHAPES, seed=0, grad_layout
     return params, opt
 
 
+def assert_kernels_match(cls, options, anchor, dtype, **run_options):
+    """The same run with and without the kernels: parameters and state agree at TOLERANCE."""
+    with_kernels = run(cls, options, anchor, dtype, **run_options)
+    with without_kernels():
+        without = run(cls, options, anchor, dtype, **run_options)
+    assert_same_run(with_kernels, without, dtype)
+
+
 def assert_same_run(a, b, dtype):
     (params_a, opt_a), (params_b, opt_b) = a, b
     for p, q in zip(params_a, params_b, strict=True):
@@ -73,20 +81,13 @@ def assert_same_run(a, b, dtype):
 @pytest.mark.parametrize("anchor", ["init", "zero"])
 @pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: ",".join(o))
 def test_sgd_ftp_equals_single_pass(options, anchor, dtype):
-    with_kernels = run(SGDFTP, options, anchor, dtype)
-    with without_kernels():
-        without = run(SGDFTP, options, anchor, dtype)
-    assert_same_run(with_kernels, without, dtype)
+    assert_kernels_match(SGDFTP, options, anchor, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("anchor", ["init", "zero"])
 def test_adam_ftp_projection_equals_single_pass(anchor, dtype):
-    options = dict(lr=0.05, weight_decay=0.01)
-    with_kernels = run(AdamFTP, options, anchor, dtype)
-    with without_kernels():
-        without = run(AdamFTP, options, anchor, dtype)
-    assert_same_run(with_kernels, without, dtype)
+    assert_kernels_match(AdamFTP, dict(lr=0.05, weight_decay=0.01), anchor, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -95,11 +96,7 @@ def test_large_tensors_equal_single_pass(anchor, dtype):
     """Tensors of 4 MiB and more take the projection's streaming stores; rows of an odd length
     start off the 16-byte boundary those need."""
     shapes = [(1100 if dtype == torch.float32 else 550, 1001)]
-    options = dict(lr=0.05, momentum=0.9)
-    with_kernels = run(SGDFTP, options, anchor, dtype, steps=3, shapes=shapes)
-    with without_kernels():
-        without = run(SGDFTP, options, anchor, dtype, steps=3, shapes=shapes)
-    assert_same_run(with_kernels, without, dtype)
+    assert_kernels_match(SGDFTP, dict(lr=0.05, momentum=0.9), anchor, dtype, steps=3, shapes=shapes)
 
 
 def test_a_long_float32_row_is_summed_accurately():
