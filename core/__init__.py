@@ -5,13 +5,19 @@ JAX, `array_api_strict`, or the namespace the Keras adapter builds on
 `keras.ops`), implementing `ALGORITHMS.md` §1–§6:
 
 - norms and projection (`tether.core.norms`): `l2_norm`,
-  `mars_norm`, `rowdot`, `project`;
+  `mars_norm`, `rowdot`, `project` (each per-row function takes the axis of the
+  output units, `row_axis`), `mars_shape`, `row_axis_of`;
 - base directions (`tether.core.base`): `adam_direction`,
   `sgd_direction`, with `AdamState`, `SGDState`;
 - FTP (`tether.core.ftp`): `radius_gradient`, `damp_radius_gradient`,
   `radius_update`, `ftp_project`, with `FTPState`;
 - SPD (`tether.core.spd`): `spd_statistics`, `decay_ratio`,
-  `decay_strength`, `decay_toward_anchor`, `spd_decay`, `spd_step`.
+  `decay_strength`, `decay_toward_anchor`, `spd_decay`, `spd_step`,
+  `statistics_dtype`.
+
+FTP's and SPD's statistics (norms, inner products, `1 / n`, the radius and the
+ratios) are computed in at least float32 whatever the parameter's dtype; the
+parameter keeps its own.
 
 Every function takes arrays and returns new arrays: no state of its own, no
 in-place update, no Python branch on an array's value and no host read, so each
@@ -40,7 +46,7 @@ from .ftp import (
     radius_gradient,
     radius_update,
 )
-from .norms import l2_norm, mars_norm, project, rowdot
+from .norms import l2_norm, mars_norm, mars_shape, project, row_axis_of, rowdot
 from .spd import (
     SPDStatistics,
     decay_ratio,
@@ -49,6 +55,7 @@ from .spd import (
     spd_decay,
     spd_statistics,
     spd_step,
+    statistics_dtype,
 )
 
 __all__ = [
@@ -66,14 +73,17 @@ __all__ = [
     "ftp_project",
     "l2_norm",
     "mars_norm",
+    "mars_shape",
     "project",
     "radius_dtype",
     "radius_gradient",
     "radius_update",
+    "row_axis_of",
     "rowdot",
     "sgd_direction",
     "sgd_init",
     "spd_decay",
     "spd_statistics",
     "spd_step",
+    "statistics_dtype",
 ]

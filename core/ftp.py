@@ -9,7 +9,7 @@ of that radius.
 from typing import Any, NamedTuple
 
 from ._namespace import as_dtype, namespace
-from .norms import mars_norm, rowdot
+from .norms import mars_norm, mars_shape, rowdot
 
 #: The radius optimizer's constants: learning rate μ, betas, ε, and the floor of γ.
 RADIUS_LR = 1e-2
@@ -26,7 +26,7 @@ class FTPState(NamedTuple):
 
     `radius`, `radius_exp_avg`, `radius_exp_avg_sq`: 0-d, at least float32.
     `prev_displacement`: `c` of the previous step (shape and dtype of `θ`).
-    `prev_inv_norm`: `1 / n` of the previous step (MARS-shaped, dtype of `θ`).
+    `prev_inv_norm`: `1 / n` of the previous step (MARS-shaped, at least float32).
     """
 
     radius: Any
@@ -37,12 +37,29 @@ class FTPState(NamedTuple):
 
 
 def radius_dtype(dtype, *, xp):
-    """The dtype of the scalar radius state for a tensor of `dtype`: at least float32."""
+    """The dtype of FTP's statistics for a tensor of `dtype`: at least float32.
+
+    The norms `n`, `1 / n`, the radius and its moments and the ratio `γ / n` are computed
+    and stored in it: in float16 the norm's `1e-8` and the radius floor round to 0 and
+    `1 / n` overflows for rows whose L1 norm is below about 1.5e-5.
+    """
     return xp.result_type(dtype, xp.float32)
 
 
-def ftp_init(param, *, xp=None):
-    """FTP's initial state for `param` (all zeros; the first step sets `γ = 1e-8`)."""
+def _widen(x, dtype, xp):
+    return None if x is None else xp.astype(x, dtype, copy=False)
+
+
+def _is_empty(x):
+    return any(d == 0 for d in x.shape)
+
+
+def ftp_init(param, *, row_axis=0, xp=None):
+    """FTP's initial state for `param` (all zeros; the first step sets `γ = 1e-8`).
+
+    The scalars and `prev_inv_norm` (shaped by `mars_shape(param.shape, row_axis)`) are
+    of `radius_dtype`; `prev_displacement` has `param`'s shape and dtype.
+    """
     xp = namespace(xp, param)
     scalar = radius_dtype(param.dtype, xp=xp)
     # three arrays, not one shared: a shared buffer cannot be donated (jax.jit donate_argnums)
@@ -51,21 +68,24 @@ def ftp_init(param, *, xp=None):
         radius_exp_avg=xp.zeros((), dtype=scalar),
         radius_exp_avg_sq=xp.zeros((), dtype=scalar),
         prev_displacement=xp.zeros_like(param),
-        prev_inv_norm=xp.zeros_like(mars_norm(param, xp=xp)),
+        prev_inv_norm=xp.zeros(mars_shape(param.shape, row_axis), dtype=scalar),
     )
 
 
-def radius_gradient(grad, prev_displacement, prev_inv_norm, *, k=1.0, xp=None):
+def radius_gradient(grad, prev_displacement, prev_inv_norm, *, k=1.0, row_axis=0, xp=None):
     """The gradient of the loss with respect to `γ`, a scalar (ALGORITHMS.md §4).
 
         ∇γ = Σ rowdot(g, c_prev) ⊙ s_prev;   ∇γ ← k · ∇γ if ∇γ > 0
 
     `g` is this step's raw gradient, `c_prev` and `s_prev = 1 / n_prev` the
     previous step's displacement and inverse norm. `k ∈ [0, 1]` damps only the
-    positive gradients, those that would shrink the radius.
+    positive gradients, those that would shrink the radius. Computed in
+    `radius_dtype` (at least float32).
     """
     xp = namespace(xp, grad, prev_displacement, prev_inv_norm)
-    return damp_radius_gradient(xp.sum(rowdot(grad, prev_displacement, xp=xp) * prev_inv_norm), k, xp=xp)
+    dtype = radius_dtype(grad.dtype, xp=xp)
+    rows = rowdot(_widen(grad, dtype, xp), _widen(prev_displacement, dtype, xp), row_axis=row_axis, xp=xp)
+    return damp_radius_gradient(xp.sum(rows * _widen(prev_inv_norm, dtype, xp)), k, xp=xp)
 
 
 def damp_radius_gradient(radius_grad, k, *, xp=None):
@@ -111,32 +131,45 @@ def radius_update(state, radius_grad, max_norm, step, *, xp=None):
     )
 
 
-def ftp_project(param, direction, anchor, grad, state, step, *, k=1.0, xp=None):
+def ftp_project(param, direction, anchor, grad, state, step, *, k=1.0, row_axis=0, xp=None):
     """FTP's step for one anchored tensor, given the base direction `d` (ALGORITHMS.md §4, §6).
 
         c = (θ − d) − θ₀                   the unconstrained displacement
-        n = MARS(c) + 1e-8
+        n = MARS(c) + 1e-8                 per row (`row_axis`: the output units)
         γ ← radius_update(∇γ(g, c_prev, s_prev), max n, t)
         θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c
         c_prev ← c;  s_prev ← 1 / n
 
     `anchor` is `θ₀`, or `None` for a zero anchor (PEFT/LoRA). To wrap any base
     optimizer, pass `direction = θ − θ̃`. `k` damps the positive radius gradients
-    (see `radius_gradient`).
+    (see `radius_gradient`). The arithmetic is in `radius_dtype` (at least float32);
+    `c_prev` is stored in `θ`'s dtype. An empty tensor has nothing to project: it and
+    its state come back unchanged.
 
     Returns:
         tuple: `(new_param, FTPState)`, the parameter in its own dtype.
     """
+    if _is_empty(param):
+        return param, state
     xp = namespace(xp, param, direction, anchor, grad, step)
-    displacement = param - direction
+    dtype = radius_dtype(param.dtype, xp=xp)
+    displacement = _widen(param, dtype, xp) - _widen(direction, dtype, xp)
     if anchor is not None:
-        displacement = displacement - anchor
-    norm = mars_norm(displacement, xp=xp) + NORM_EPS
-    radius_grad = radius_gradient(grad, state.prev_displacement, state.prev_inv_norm, k=k, xp=xp)
+        displacement = displacement - _widen(anchor, dtype, xp)
+    norm = mars_norm(displacement, row_axis=row_axis, xp=xp) + NORM_EPS
+    radius_grad = radius_gradient(
+        grad, state.prev_displacement, state.prev_inv_norm, k=k, row_axis=row_axis, xp=xp
+    )
     radius, radius_exp_avg, radius_exp_avg_sq = radius_update(state, radius_grad, xp.max(norm), step, xp=xp)
-    scale = xp.clip(xp.astype(radius, norm.dtype, copy=False) / norm, 0.0, 1.0)
+    scale = xp.clip(xp.astype(radius, dtype, copy=False) / norm, 0.0, 1.0)
     projected = scale * displacement
     if anchor is not None:
-        projected = anchor + projected
-    new_state = FTPState(radius, radius_exp_avg, radius_exp_avg_sq, displacement, 1 / norm)
+        projected = _widen(anchor, dtype, xp) + projected
+    new_state = FTPState(
+        radius,
+        radius_exp_avg,
+        radius_exp_avg_sq,
+        xp.astype(displacement, param.dtype, copy=False),
+        xp.astype(1 / norm, state.prev_inv_norm.dtype, copy=False),
+    )
     return xp.astype(projected, param.dtype, copy=False), new_state

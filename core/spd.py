@@ -6,7 +6,8 @@ away from it, with a strength that follows how far this step moved them away.
 
 from typing import Any, NamedTuple
 
-from ._namespace import namespace
+from ._namespace import as_dtype, namespace
+from .ftp import radius_dtype
 from .norms import l2_norm
 
 
@@ -24,11 +25,27 @@ class SPDStatistics(NamedTuple):
 def spd_statistics(param, anchor, grad, *, xp=None):
     """Measure `⟨g, θ − θ₀⟩` and `‖θ − θ₀‖₂` before the base step moves `θ` (ALGORITHMS.md §6).
 
-    `anchor=None` is a zero anchor.
+    `anchor=None` is a zero anchor. Computed in at least float32 (`statistics_dtype`):
+    in float16 the products underflow and the sum of squares overflows.
     """
     xp = namespace(xp, param, anchor, grad)
-    displacement = param if anchor is None else param - anchor
+    displacement = _displacement(param, anchor, xp)
+    grad = xp.astype(grad, displacement.dtype, copy=False)
     return SPDStatistics(xp.sum(grad * displacement), l2_norm(displacement, xp=xp))
+
+
+def statistics_dtype(dtype, *, xp):
+    """The dtype SPD's norms, inner product and ratio are computed in: at least float32."""
+    return radius_dtype(dtype, xp=xp)
+
+
+def _displacement(param, anchor, xp):
+    """`θ − θ₀` (`θ` for a zero anchor) in `statistics_dtype`."""
+    dtype = statistics_dtype(param.dtype, xp=xp)
+    displacement = xp.astype(param, dtype, copy=False)
+    if anchor is not None:
+        displacement = displacement - xp.astype(anchor, dtype, copy=False)
+    return displacement
 
 
 def decay_ratio(new_distance, distance, *, xp=None):
@@ -58,8 +75,8 @@ def spd_decay(new_param, anchor, statistics, weight_decay, *, xp=None):
     learning rate. `anchor=None` is a zero anchor.
     """
     xp = namespace(xp, new_param, anchor, weight_decay)
-    displacement = new_param if anchor is None else new_param - anchor
-    strength = decay_strength(statistics, l2_norm(displacement, xp=xp), weight_decay, xp=xp)
+    new_distance = l2_norm(_displacement(new_param, anchor, xp), xp=xp)
+    strength = decay_strength(statistics, new_distance, weight_decay, xp=xp)
     return decay_toward_anchor(new_param, anchor, strength, xp=xp)
 
 
@@ -69,12 +86,15 @@ def decay_toward_anchor(new_param, anchor, strength, *, xp=None):
         θ ← (1 − λr) θ̃ + λr θ₀     (= θ̃ − λr (θ̃ − θ₀))
 
     written so that `θ̃ − θ₀` is not needed again after its norm (XLA:CPU then keeps one
-    fewer full-size temporary). `anchor=None` is a zero anchor. Keeps `θ̃`'s dtype.
+    fewer full-size temporary). `anchor=None` is a zero anchor. Computed in
+    `statistics_dtype` (a 16-bit `θ̃` is not scaled in 16 bits); keeps `θ̃`'s dtype.
     """
     xp = namespace(xp, new_param, anchor, strength)
-    decayed = (1 - strength) * new_param
+    dtype = statistics_dtype(new_param.dtype, xp=xp)
+    strength = as_dtype(strength, dtype, xp)
+    decayed = (1 - strength) * xp.astype(new_param, dtype, copy=False)
     if anchor is not None:
-        decayed = decayed + strength * anchor
+        decayed = decayed + strength * xp.astype(anchor, dtype, copy=False)
     return xp.astype(decayed, new_param.dtype, copy=False)
 
 
