@@ -25,37 +25,85 @@ import array_api_compat.torch as compat_torch
 import torch
 
 from ..core import FTPState, SPDStatistics, damp_radius_gradient, decay_strength, radius_update
+from ..core import mars_shape as core_mars_shape
 from ..core.ftp import NORM_EPS
 
 xp = compat_torch
 
 # -- reductions ---------------------------------------------------------------------------
+#
+# Every reduction here gives the same bits for any torch.get_num_threads(): ATen splits a sum to
+# one number among threads (a two-pass reduction whose partial sums follow the thread count),
+# but a sum to several outputs only among the outputs, each summed by one thread. So a CPU sum
+# to one number is taken as fixed-size chunks first (`total`). Sums of 16-bit tensors
+# accumulate in float32 and return float32 (ALGORITHMS.md §9: statistics in at least float32).
+
+#: Values per chunk of a CPU sum to one number: below ATen's grain size (32768), so one thread
+#: sums each chunk, whatever the thread count.
+CHUNK = 1 << 14
+
+
+def statistics_dtype(dtype):
+    """The dtype of FTP's and SPD's statistics for tensors of ``dtype``: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def mars_shape(x):
     """The shape of ``core.mars_norm(x)``: ``(d0, 1, …, 1)``, ``(1,)`` for a vector, ``()`` for a scalar."""
-    if x.ndim == 0:
-        return ()
-    return (x.shape[0] if x.ndim >= 2 else 1,) + (1,) * (x.ndim - 1)
+    return core_mars_shape(x.shape)
+
+
+def total(x):
+    """``Σ x`` over the whole tensor, a 0-d tensor of `statistics_dtype`.
+
+    On the CPU the sum is taken over chunks of `CHUNK` values first, so that it does not depend
+    on the thread count; elsewhere it is one ``sum``.
+    """
+    dtype = statistics_dtype(x.dtype)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if x.device.type != "cpu" or n <= CHUNK:
+        return flat.sum(dtype=dtype)
+    whole = n - n % CHUNK
+    partial = total(flat[:whole].view(-1, CHUNK).sum(1, dtype=dtype))
+    return partial + flat[whole:].sum(dtype=dtype) if whole < n else partial
 
 
 def row_sum(x):
-    """The MARS reduction of ``x`` (``core.norms._row_sum``): the sum over every axis but the first."""
+    """The MARS reduction of ``x`` (``core.norms._row_sum``): the sum over every axis but the first.
+
+    Of `statistics_dtype`; a single row (a vector, or one row of a matrix) is summed by `total`.
+    """
     if x.ndim == 0:
-        return x
-    if x.ndim == 1:
-        return x.sum(0, keepdim=True)
-    return x.sum(dim=tuple(range(1, x.ndim)), keepdim=True)
+        return x.to(statistics_dtype(x.dtype))
+    if x.ndim == 1 or x.shape[0] == 1:
+        return total(x).reshape(mars_shape(x))
+    return x.sum(dim=tuple(range(1, x.ndim)), keepdim=True, dtype=statistics_dtype(x.dtype))
 
 
-def dot(a, b):
-    """``⟨a, b⟩``, the sum of ``a ⊙ b`` over the whole tensor, a 0-d tensor."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+def _widened(x):
+    """``x`` itself if it is at least float32, else a float32 copy (16-bit products underflow)."""
+    dtype = statistics_dtype(x.dtype)
+    return x if x.dtype == dtype else x.to(dtype)
 
 
-def norms(tensors):
-    """``‖x‖₂`` of each tensor, stacked into a vector."""
-    return torch.stack(torch._foreach_norm(tensors))
+def dot(a, b, scratch=None):
+    """``⟨a, b⟩``, the sum of ``a ⊙ b`` over the whole tensor, a 0-d tensor of `statistics_dtype`.
+
+    On the CPU the product goes into ``scratch`` (a `Scratch`) when given, and is summed by
+    `total`; elsewhere it is ``torch.dot``.
+    """
+    a, b = _widened(a), _widened(b)
+    if a.device.type != "cpu":
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return total(torch.mul(a, b, out=None if scratch is None else scratch.like(a)))
+
+
+def norms(tensors, scratch=None):
+    """``‖x‖₂`` of each tensor, stacked into a vector of `statistics_dtype`."""
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, dtype=statistics_dtype(tensors[0].dtype)))
+    return torch.sqrt(torch.stack([dot(x, x, scratch) for x in tensors]))
 
 
 def steps_vector(steps, dtype):
@@ -124,9 +172,13 @@ class Scratch:
     def __init__(self):
         self._buffers = {}
 
-    def like(self, x):
-        """A tensor shaped like ``x`` (contents undefined), a view of the buffer."""
-        key = (x.device, x.dtype)
+    def like(self, x, slot=0):
+        """A tensor shaped like ``x`` (contents undefined), a view of buffer ``slot``.
+
+        Two views of the same slot share memory: a caller that needs two temporaries at once
+        takes them from two slots.
+        """
+        key = (x.device, x.dtype, slot)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < x.numel():
             buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
@@ -230,13 +282,19 @@ def radius_gradients_(grads, prev_displacements, prev_inv_norms, *, k):
 
     Destroys ``prev_displacements`` (``c_prev ← g ⊙ c_prev`` in place, then summed per row,
     a block of rows at a time on the CPU): the caller writes this step's displacement into
-    the same buffers next.
+    the same buffers next. 16-bit products are taken in float32.
     """
     values = []
     for g, c, s in zip(grads, prev_displacements, prev_inv_norms, strict=True):
-        blocks = [(row_sum(c_b.mul_(g_b)) * s_b).sum() for g_b, c_b, s_b in row_blocks(g, c, s)]
-        values.append(_sum(blocks))
+        values.append(_sum([_radius_gradient_piece(g_b, c_b, s_b) for g_b, c_b, s_b in row_blocks(g, c, s)]))
     return damp_radius_gradient(torch.stack(values), k, xp=xp)
+
+
+def _radius_gradient_piece(g, c, s):
+    """``Σ rowdot(g, c) ⊙ s`` over a block of rows; ``c`` is overwritten with ``g ⊙ c`` when it is
+    at least float32 (a 16-bit ``c`` is widened first)."""
+    product = c.mul_(g) if c.dtype == statistics_dtype(c.dtype) else _widened(c).mul_(g)
+    return total(row_sum(product) * s)
 
 
 def displacements_into(buffers, params, anchors):
@@ -319,12 +377,59 @@ def spd_decay_(params, anchors, keep):
     """``θ ← θ₀ + keep · (θ̃ − θ₀)`` in place, the parameters holding ``θ̃ − θ₀``; ``keep`` is `spd_keep`.
 
     A bucket has one anchor mode: ``anchors`` are all ``θ₀`` or all ``None`` (zero anchors).
+    16-bit tensors are decayed in float32: ``keep`` (``1 − λr``, often within 1e-3 of 1) would
+    round to 1 in bfloat16.
     """
+    if params[0].dtype != statistics_dtype(params[0].dtype):
+        for p, anchor, factor in zip(params, anchors, keep.unbind(0), strict=True):
+            decayed = _widened(p).mul_(factor)
+            p.copy_(decayed if anchor is None else decayed.add_(anchor))
+        return
     if anchors[0] is None:
         torch._foreach_mul_(params, keep.unbind(0))
         return
     for p, anchor, factor in zip(params, anchors, keep.unbind(0), strict=True):
         torch.addcmul(anchor, p, factor, out=p)
+
+
+def spd_measure(params, anchors, grads=None, scratch=None):
+    """``(⟨g, θ − θ₀⟩, ‖θ − θ₀‖₂)`` per tensor, stacked; the alignment is ``None`` without ``grads``.
+
+    ``θ − θ₀`` (``θ`` for a zero anchor, ``anchors`` entries ``None``) is made a block of rows
+    at a time (into ``scratch``, a `Scratch`, on the CPU), never for every tensor at once: the
+    `SPD` wrapper's statistics cost one tensor's (on the CPU, one block's) temporaries.
+    """
+    alignments, squares = [], []
+    for i, (p, a) in enumerate(zip(params, anchors, strict=True)):
+        g = None if grads is None else grads[i]
+        aligned, squared = [], []
+        for p_b, a_b, g_b in row_blocks(p, a, g):
+            c_b = p_b
+            if a_b is not None:
+                c_b = torch.sub(p_b, a_b, out=None if scratch is None else scratch.like(p_b, slot=1))
+            if g_b is not None:
+                aligned.append(dot(g_b, c_b, scratch))
+            squared.append(dot(c_b, c_b, scratch))
+        if grads is not None:
+            alignments.append(_sum(aligned))
+        squares.append(_sum(squared))
+    alignment = torch.stack(alignments) if grads is not None else None
+    return alignment, torch.sqrt(torch.stack(squares))
+
+
+def decay_toward_anchors_(params, anchors, strength):
+    """``θ̃ ← (1 − λr) θ̃ + λr θ₀`` in place (``core.decay_toward_anchor``), ``λr`` a vector per tensor.
+
+    The parameters hold ``θ̃``; no temporary for full-precision tensors, 16-bit ones in float32.
+    """
+    for p, anchor, s in zip(params, anchors, strength.unbind(0), strict=True):
+        if p.dtype != statistics_dtype(p.dtype):
+            decayed = _widened(p).mul_(1 - s)
+            p.copy_(decayed if anchor is None else decayed.add_(_widened(anchor).mul_(s)))
+        elif anchor is None:
+            p.mul_(1 - s)
+        else:
+            p.mul_(1 - s).addcmul_(anchor, s)
 
 
 # -- whole steps of one bucket --------------------------------------------------------------
@@ -501,10 +606,10 @@ def _adam_spd_blocks_(
             if anchored:
                 if a_b is not None:
                     p_b.sub_(a_b)  # the parameters hold θ − θ₀ until the decay
-                before = (dot(g_b, p_b), dot(p_b, p_b))
+                before = (dot(g_b, p_b, scratch), dot(p_b, p_b, scratch))
             adam_block_update_(p_b, m_b, second, scale[i], offset[i], value, scratch)
             if anchored:
-                pieces.append(torch.stack([*before, dot(p_b, p_b)]))
+                pieces.append(torch.stack([*before, dot(p_b, p_b, scratch)]))
         if anchored:
             sums.append(_sum(pieces))
     if not anchored:
@@ -547,7 +652,7 @@ def _adam_ftp_blocks_(
             second = adam_block_moments_(g_b, m_b, v_b, v_max_b, beta1=beta1, beta2=beta2, amsgrad=amsgrad)
             target = p_b
             if anchored:
-                gradient_pieces.append((row_sum(c_b.mul_(g_b)) * s_b).sum())
+                gradient_pieces.append(_radius_gradient_piece(g_b, c_b, s_b))
                 if a_b is None:
                     c_b.copy_(p_b)
                 else:
@@ -596,7 +701,7 @@ def _sgd_ftp_blocks_(
         gradient_pieces, norm_pieces = [], []
         for p_b, g_b, b_b, a_b, c_b, s_b in row_blocks(p, g, b, anchor, c, s):
             if anchored:
-                gradient_pieces.append((row_sum(c_b.mul_(g_b)) * s_b).sum())
+                gradient_pieces.append(_radius_gradient_piece(g_b, c_b, s_b))
             u = g_b
             if weight_decay != 0:
                 u = torch.add(g_b, p_b, alpha=weight_decay, out=scratch.like(g_b))

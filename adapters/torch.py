@@ -16,6 +16,8 @@ calls on stacked vectors, and the full-size passes are kernels checked against t
 elsewhere multi-tensor (``torch._foreach_*``) ops.
 """
 
+import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -28,8 +30,10 @@ from . import _torch_ops as ops
 __all__ = ["FTP", "SGDFTP", "SPD", "AdamFTP", "AdamSPD"]
 
 ANCHOR_MODES = ("init", "zero", None)
-#: Keys kept out of ``Optimizer.load_state_dict``'s cast to the parameter's dtype.
+#: 0-d state: the step count, FTP's radius and its moments.
 _SCALAR_KEYS = ("step", "radius", "radius_exp_avg", "radius_exp_avg_sq")
+#: Keys kept out of ``Optimizer.load_state_dict``'s cast to the parameter's dtype (at least float32).
+_KEPT_KEYS = (*_SCALAR_KEYS, "prev_inv_norm")
 #: Full-size state keys whose shape must equal the parameter's.
 _FULL_KEYS = ("anchor", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "prev_displacement")
 
@@ -47,32 +51,139 @@ def _evaluate(closure):
 
 
 def _number(owner, name, value, low, high=None, *, high_open=False):
-    """Check that a hyperparameter is a real number in ``[low, high]`` (or ``[low, high)``)."""
+    """Check that a hyperparameter is a finite real number in ``[low, high]`` (or ``[low, high)``)."""
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a Python float, got {type(value).__name__}")
     too_high = high is not None and (value >= high if high_open else value > high)
-    if not value >= low or too_high:
+    if not math.isfinite(value) or not value >= low or too_high:
         bound = f"[{low}, {high})" if high_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
-        raise ValueError(f"{owner}: invalid {name} {value!r}; it must be {bound}")
+        raise ValueError(f"{owner}: invalid {name} {value!r}; it must be finite and {bound}")
+
+
+def _flag(owner, name, value):
+    """Check that a switch is a bool (``"yes"`` is truthy, and would silently switch it on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
+
+
+#: FTP's per-tensor state beside the base step's (ALGORITHMS.md §4).
+_FTP_KEYS = frozenset(("radius", "radius_exp_avg", "radius_exp_avg_sq", "prev_displacement", "prev_inv_norm"))
+
+
+def _check_dtype(owner, name, p):
+    """FTP and SPD are defined for real floating-point tensors (norms, sign tests)."""
+    if torch.is_complex(p):
+        raise TypeError(f"{owner}: parameter {name} is complex ({p.dtype}), which is not supported")
+    if not torch.is_floating_point(p):
+        raise TypeError(f"{owner}: parameter {name} has dtype {p.dtype}; expected a floating-point dtype")
+
+
+def _expected_shape(key, p):
+    """The shape the state ``key`` of parameter ``p`` must have, or ``None`` for a key not checked."""
+    if key in _FULL_KEYS:
+        return tuple(p.shape)
+    if key == "prev_inv_norm":
+        return ops.mars_shape(p)
+    if key in _SCALAR_KEYS:
+        return ()
+    return None
+
+
+def _check_state(owner, name, p, state, *, device=True):
+    """Each state tensor of ``p`` has its shape (and, with ``device``, its device); anchors its dtype.
+
+    Raises:
+        ValueError: naming the parameter and the key.
+    """
+    for key, value in state.items():
+        expected = _expected_shape(key, p)
+        if expected is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{owner}: the {key!r} of parameter {name} is a {type(value).__name__}, not a tensor"
+            )
+        wrong = tuple(value.shape) != expected or (key == "anchor" and value.dtype != p.dtype)
+        if wrong or (device and value.device != p.device):
+            raise ValueError(
+                f"{owner}: the {key!r} of parameter {name} is {tuple(value.shape)} {value.dtype}"
+                + (f" on {value.device}" if device else "")
+                + f"; it must be {expected}"
+                + (f" {p.dtype}" if key == "anchor" else "")
+                + (f" on {p.device}" if device else "")
+                + " (a state of another model or optimizer, or a model moved after the optimizer was built)"
+            )
+
+
+def _zero_anchor_warning(owner, names):
+    return (
+        f"{owner}: parameters {', '.join(names)} have anchor='zero' but are not zero. FTP's radius "
+        "starts at 1e-8, so the first step projects them to within 1e-8 of zero: a randomly "
+        "initialised LoRA matrix would be wiped. For LoRA under FTP anchor the adapters at their "
+        "own initialisation (anchor='init'); anchor='zero' is SPD's recipe (decay toward zero)."
+    )
+
+
+def _keys(keys):
+    return ", ".join(repr(k) for k in keys)
+
+
+def _anchor_list(group, states):
+    """Each tensor's ``θ₀`` for an ``"init"`` group, ``None`` per tensor for a ``"zero"`` one (a
+    snapshot left from an earlier ``"init"`` is not used)."""
+    if group["anchor"] == "zero":
+        return [None] * len(states)
+    return [s["anchor"] for s in states]
 
 
 class _Anchored(Optimizer):
     """Shared bookkeeping: anchor snapshots, hyperparameter and gradient checks, state loading."""
 
+    #: The method's name in a state dict (``state_dict()["method"]``): a state dict of another
+    #: method (or of ``torch.optim``) is refused by `load_state_dict`.
+    method = ""
+    #: Whether the method projects with FTP's learned radius (its state and the zero-anchor warning).
+    projects = False
+
     def add_param_group(self, param_group):
         merged = {**self.defaults, **param_group}
         self._check_group(merged)
         super().add_param_group(param_group)
-        if param_group["anchor"] == "init":
-            for p in param_group["params"]:
-                state = self.state[p]
-                if "anchor" not in state:
-                    state["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
+        group = self.param_groups[-1]
+        try:
+            self._check_params(group, len(self.param_groups) - 1)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # nothing changes on bad input
+            raise
+        self._adopt_anchors(group)
 
     def _check_group(self, group):
         owner = type(self).__name__
         if group.get("anchor", "init") not in ANCHOR_MODES:
             raise ValueError(f"{owner}: unknown anchor {group['anchor']!r}; expected 'init', 'zero' or None")
+
+    def _check_params(self, group, gi):
+        """Real floating-point parameters only; warn where FTP would project a nonzero tensor to zero."""
+        owner = type(self).__name__
+        for i, p in enumerate(group["params"]):
+            _check_dtype(owner, self._name(group, gi, i), p)
+        if self.projects and group["anchor"] == "zero":
+            names = [
+                self._name(group, gi, i)
+                for i, p in enumerate(group["params"])
+                if not p.is_meta and bool(p.detach().any())
+            ]
+            if names:
+                warnings.warn(_zero_anchor_warning(owner, names), UserWarning, stacklevel=4)
+
+    def _adopt_anchors(self, group):
+        """Snapshot the anchor of every tensor of an ``"init"`` group that has none (a group whose
+        ``anchor`` was changed after construction gets it now, never a silent zero)."""
+        if group["anchor"] == "init":
+            for p in group["params"]:
+                state = self.state[p]
+                if "anchor" not in state:
+                    state["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
 
     # -- gradients ----------------------------------------------------------------------
 
@@ -82,31 +193,44 @@ class _Anchored(Optimizer):
         return repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
 
     def _gather(self):
-        """``[(group, params, grads)]`` of the tensors with a gradient, all checked before any update."""
+        """``[(group, params, grads)]`` of the tensors with a gradient, all checked before any update.
+
+        Every group is checked (hyperparameters, parameter and gradient dtypes, shapes and
+        devices, the state each tensor holds) before anything changes; then the tensors of an
+        ``"init"`` group that have no anchor get one. Empty tensors have nothing to update and
+        are left out.
+        """
         owner = type(self).__name__
         work = []
         for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
             params, grads = [], []
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
                 name = self._name(group, gi, i)
+                _check_dtype(owner, name, p)
                 if g.is_sparse:
                     raise TypeError(
                         f"{owner}: parameter {name} has a sparse gradient, which is not supported"
                     )
-                if torch.is_complex(p) or torch.is_complex(g):
-                    raise TypeError(f"{owner}: parameter {name} is complex, which is not supported")
+                if torch.is_complex(g):
+                    raise TypeError(f"{owner}: the gradient of parameter {name} is complex")
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise ValueError(
                         f"{owner}: the gradient of parameter {name} is {tuple(g.shape)} {g.dtype} "
                         f"on {g.device}, the parameter {tuple(p.shape)} {p.dtype} on {p.device}"
                     )
+                _check_state(owner, name, p, self.state.get(p, {}))
+                if p.numel() == 0:
+                    continue
                 params.append(p)
                 grads.append(g)
             if params:
                 work.append((group, params, grads))
+        for group in self.param_groups:
+            self._adopt_anchors(group)
         return work
 
     @staticmethod
@@ -134,6 +258,18 @@ class _Anchored(Optimizer):
     def _new_step(self, p):
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
+    def state_dict(self) -> dict:
+        """The optimizer's state (anchors, moments, radii, step counts) and groups, tagged with its method.
+
+        Tensors of an ``"init"`` group whose anchor was switched on since the last step get their
+        anchor now, so that the saved state is the one the next step would use.
+        """
+        for group in self.param_groups:
+            self._adopt_anchors(group)
+        state_dict = super().state_dict()
+        state_dict["method"] = self.method
+        return state_dict
+
     def _init_radius(self, p, state):
         if "radius" not in state:
             zero = torch.zeros((), dtype=_compute_dtype(p.dtype), device=p.device)
@@ -141,7 +277,10 @@ class _Anchored(Optimizer):
             state["radius_exp_avg"] = zero.clone()
             state["radius_exp_avg_sq"] = zero.clone()
             state["prev_displacement"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["prev_inv_norm"] = torch.zeros(ops.mars_shape(p), dtype=p.dtype, device=p.device)
+            # the statistics are at least float32 (ALGORITHMS.md §9): 1/n overflows in float16
+            state["prev_inv_norm"] = torch.zeros(
+                ops.mars_shape(p), dtype=_compute_dtype(p.dtype), device=p.device
+            )
 
     # -- state dict ---------------------------------------------------------------------
 
@@ -149,15 +288,23 @@ class _Anchored(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a `state_dict()`; anchors and moments must match the parameters' shapes and dtypes.
+        """Load a `state_dict()` of the same method, checked against the parameters before anything changes.
 
         Raises:
-            ValueError: a saved anchor or moment does not match its parameter's shape or dtype,
-                or an ``"init"``-anchored tensor has state but no anchor.
+            ValueError: the state dict is another method's (its ``"method"`` tag, or a group without
+                this method's hyperparameters, as a ``torch.optim.Adam`` state dict is), a group's
+                size or hyperparameters are wrong, or a tensor's saved state lacks a key this
+                method needs, has one it does not keep, or has a tensor of the wrong shape (the
+                message names the parameter and the key).
         """
         owner = type(self).__name__
+        tag = state_dict.get("method")
+        if tag is not None and tag != self.method:
+            raise ValueError(f"{owner}: the state dict was saved by {tag}, not by {self.method}")
         own = self._own_state_dict(state_dict)
-        saved_groups = own["param_groups"]
+        saved_groups, saved_state = own.get("param_groups"), own.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise ValueError(f"{owner}: not an optimizer state dict (it needs 'state' and 'param_groups')")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"{owner}: the state dict has {len(saved_groups)} parameter groups, "
@@ -165,42 +312,70 @@ class _Anchored(Optimizer):
             )
         index = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            missing = [key for key in self.defaults if key not in saved]
+            if missing:
+                raise ValueError(
+                    f"{owner}: parameter group {gi} of the state dict has no {_keys(missing)}: it was "
+                    f"not saved by {self.method}"
+                )
+            self._check_group(saved)
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{owner}: parameter group {gi} of the state dict has a different size")
             for i, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
                 index[key] = (p, self._name(group, gi, i), saved)
-        for key, values in own["state"].items():
-            if key not in index:
-                continue
-            p, name, saved = index[key]
-            if saved.get("anchor") == "init" and "anchor" not in values:
-                raise ValueError(f"{owner}: the state of parameter {name} has no anchor")
-            for k in _FULL_KEYS:
-                v = values.get(k)
-                if v is None:
-                    continue
-                if tuple(v.shape) != tuple(p.shape) or (k == "anchor" and v.dtype != p.dtype):
-                    raise ValueError(
-                        f"{owner}: the saved {k} of parameter {name} is {tuple(v.shape)} {v.dtype}, "
-                        f"but the parameter is {tuple(p.shape)} {p.dtype}"
-                    )
-        # Optimizer.load_state_dict casts floating state to the parameter's dtype (radius state must
-        # stay float32 for bf16 parameters) and leaves 'step' where it was saved: load those apart.
-        kept = {
-            key: {k: values[k] for k in _SCALAR_KEYS if k in values} for key, values in own["state"].items()
-        }
+        for key, values in saved_state.items():
+            if key in index:
+                p, name, saved = index[key]
+                self._check_saved_state(owner, name, p, values, saved)
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype (the statistics
+        # stay at least float32 for 16-bit parameters) and leaves 'step' where it was saved: load
+        # those apart.
+        kept = {key: {k: values[k] for k in _KEPT_KEYS if k in values} for key, values in saved_state.items()}
         stripped = {
-            key: {k: v for k, v in values.items() if k not in _SCALAR_KEYS}
-            for key, values in own["state"].items()
+            key: {k: v for k, v in values.items() if k not in _KEPT_KEYS}
+            for key, values in saved_state.items()
         }
         self._load_base(state_dict)
-        super().load_state_dict({**own, "state": stripped})
+        super().load_state_dict({"state": stripped, "param_groups": saved_groups})
         self._after_load()
         for key, values in kept.items():
             if key in index:
                 p = index[key][0]
                 for k, v in values.items():
-                    self.state[p][k] = v.to(device=p.device, copy=True)
+                    dtype = v.dtype if k == "step" else _compute_dtype(p.dtype)
+                    self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
+
+    def _check_saved_state(self, owner, name, p, values, group):
+        """The keys this method keeps for a tensor of ``group``, each of the parameter's shape."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{owner}: the saved state of parameter {name} is not a dict")
+        unknown = sorted(set(values) - self._known_keys())
+        if unknown:
+            raise ValueError(
+                f"{owner}: the saved state of parameter {name} has {_keys(unknown)}, which "
+                f"{self.method} does not keep: it is another optimizer's state"
+            )
+        mode = group["anchor"]
+        required = {"anchor"} if mode == "init" else set()
+        if "step" in values:
+            required |= self._stepped_keys(group)
+            if self.projects and mode is not None:
+                required |= _FTP_KEYS
+        missing = sorted(required - set(values))
+        if missing:
+            raise ValueError(
+                f"{owner}: the saved state of parameter {name} has no {_keys(missing)} "
+                f"(anchor mode {mode!r}): it is another optimizer's state"
+            )
+        _check_state(owner, name, p, values, device=False)
+
+    def _known_keys(self):
+        """Every state key this method may keep for a tensor."""
+        return {"anchor"} | (_FTP_KEYS if self.projects else set())
+
+    def _stepped_keys(self, group):
+        """The state keys of a tensor of ``group`` that has taken a step (beside FTP's and the anchor)."""
+        return set()
 
     def _load_base(self, state_dict):
         pass
@@ -239,24 +414,28 @@ class _Fused(_Anchored):
         """``None`` for an unanchored group, else each tensor's ``θ₀`` (``None`` for a zero anchor)."""
         if group["anchor"] is None:
             return None
-        return [s.get("anchor") for s in states]
+        return _anchor_list(group, states)
 
 
 class _AdamBase(_Fused):
-    def __init__(self, params, defaults):
-        super().__init__(params, defaults)
-
     def _check_group(self, group):
         super()._check_group(group)
         owner = type(self).__name__
         _number(owner, "lr", group["lr"], 0.0)
         _number(owner, "eps", group["eps"], 0.0)
         _number(owner, "weight_decay", group["weight_decay"], 0.0)
+        _flag(owner, "amsgrad", group["amsgrad"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{owner}: betas must be a pair of floats, got {betas!r}")
         for j, beta in enumerate(betas):
             _number(owner, f"betas[{j}]", beta, 0.0, 1.0, high_open=True)
+
+    def _known_keys(self):
+        return super()._known_keys() | {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+    def _stepped_keys(self, group):
+        return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
 
     def _init_state(self, group, p, state):
         if "step" not in state:
@@ -302,6 +481,9 @@ class AdamFTP(_AdamBase):
         amsgrad: use the maximum of the second moments.
         k: in ``[0, 1]``; positive radius gradients (which would shrink ``γ``) are multiplied by it.
     """
+
+    method = "AdamFTP"
+    projects = True
 
     def __init__(
         self,
@@ -376,6 +558,8 @@ class AdamSPD(_AdamBase):
         amsgrad: use the maximum of the second moments.
     """
 
+    method = "AdamSPD"
+
     def __init__(
         self,
         params: ParamsT,
@@ -433,6 +617,9 @@ class SGDFTP(_Fused):
         k: in ``[0, 1]``; positive radius gradients are multiplied by it.
     """
 
+    method = "SGDFTP"
+    projects = True
+
     def __init__(
         self,
         params: ParamsT,
@@ -463,8 +650,15 @@ class SGDFTP(_Fused):
         _number(owner, "dampening", group["dampening"], 0.0, 1.0)
         _number(owner, "weight_decay", group["weight_decay"], 0.0)
         _number(owner, "k", group["k"], 0.0, 1.0)
+        _flag(owner, "nesterov", group["nesterov"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"{owner}: nesterov needs momentum > 0 and dampening == 0")
+
+    def _known_keys(self):
+        return super()._known_keys() | {"step", "momentum_buffer"}
+
+    def _stepped_keys(self, group):
+        return {"step"} | ({"momentum_buffer"} if group["momentum"] != 0 else set())
 
     def _init_state(self, group, p, state):
         if "step" not in state:
@@ -513,19 +707,26 @@ class _Wrapper(_Anchored):
             return
         self._check_group({**self.defaults, **param_group})
         self.optimizer.add_param_group(param_group)
-        self._adopt_groups()
+        try:
+            self._adopt_groups()
+        except (TypeError, ValueError):
+            self.optimizer.param_groups.pop()  # nothing changes on bad input
+            raise
 
-    def _adopt_groups(self):
-        """Give groups added to the wrapped optimizer directly the wrapper's defaults and anchors."""
-        for group in self.param_groups:
+    def _adopt_groups(self, anchors=True):
+        """Give groups added to the wrapped optimizer directly the wrapper's defaults and anchors.
+
+        A step passes ``anchors=False``: its `_gather` takes the anchors once every check passed.
+        """
+        for gi, group in enumerate(self.param_groups):
             if "anchor" not in group or any(key not in group for key in self.defaults):
-                self._check_group({**self.defaults, **group})
+                merged = {**self.defaults, **group}
+                self._check_group(merged)
+                self._check_params(merged, gi)
                 for key, value in self.defaults.items():
                     group.setdefault(key, value)
-            if group["anchor"] == "init":
-                for p in group["params"]:
-                    if "anchor" not in self.state[p]:
-                        self.state[p]["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
+            if anchors:
+                self._adopt_anchors(group)
 
     def state_dict(self) -> dict:
         """The wrapper's state plus the wrapped optimizer's (key ``"base"``)."""
@@ -572,12 +773,21 @@ class FTP(_Wrapper):
         k: in ``[0, 1]``; positive radius gradients are multiplied by it.
     """
 
+    method = "FTP"
+    projects = True
+
     def __init__(self, optimizer: Optimizer, *, k: float = 1.0) -> None:
         super().__init__(optimizer, dict(k=k, anchor="init"))
 
     def _check_group(self, group):
         super()._check_group(group)
         _number(type(self).__name__, "k", group["k"], 0.0, 1.0)
+
+    def _known_keys(self):
+        return super()._known_keys() | {"step"}
+
+    def _stepped_keys(self, group):
+        return {"step"}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -590,7 +800,7 @@ class FTP(_Wrapper):
             The closure's loss, or ``None``.
         """
         loss = _evaluate(closure)
-        self._adopt_groups()
+        self._adopt_groups(anchors=False)
         pending = []
         for group, params, grads in self._gather():
             if group["anchor"] is None:
@@ -612,7 +822,7 @@ class FTP(_Wrapper):
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
             t = ops.steps_vector(steps, _compute_dtype(params[0].dtype))
-            anchors = [s.get("anchor") for s in states]
+            anchors = _anchor_list(group, states)
             displacements = ops.displacements_into(buffers, params, anchors)
             ops.ftp_finish(params, anchors, displacements, radius_grads, t, states, self._scratch_for(params))
         return loss
@@ -640,6 +850,8 @@ class SPD(_Wrapper):
         weight_decay: SPD's ``λ`` (not multiplied by the learning rate).
     """
 
+    method = "SPD"
+
     def __init__(self, optimizer: Optimizer, *, weight_decay: float) -> None:
         super().__init__(optimizer, dict(spd_weight_decay=weight_decay, anchor="init"))
 
@@ -664,34 +876,19 @@ class SPD(_Wrapper):
             The closure's loss, or ``None``.
         """
         loss = _evaluate(closure)
-        self._adopt_groups()
-        work = self._gather()
-        for group in self.param_groups:
-            self._check_group(group)
+        self._adopt_groups(anchors=False)
         pending = []
-        for group, params, grads in work:
+        for group, params, grads in self._gather():
             if group["anchor"] is None:
                 continue
             for bucket_params, bucket_grads in self._buckets(params, grads):
-                anchors = [self.state[p].get("anchor") for p in bucket_params]
-                displacements = self._displacements(bucket_params, anchors)
-                alignment = torch.stack(
-                    [ops.dot(g, c) for g, c in zip(bucket_grads, displacements, strict=True)]
-                )
-                distance = ops.norms(displacements)
-                del displacements
-                pending.append((group, bucket_params, anchors, alignment, distance))
+                anchors = _anchor_list(group, [self.state[p] for p in bucket_params])
+                scratch = self._scratch_for(bucket_params)
+                alignment, distance = ops.spd_measure(bucket_params, anchors, bucket_grads, scratch)
+                pending.append((group, bucket_params, anchors, alignment, distance, scratch))
         self.optimizer.step()
-        for group, params, anchors, alignment, distance in pending:
-            displacements = self._displacements(params, anchors)
-            keep = ops.spd_keep(alignment, distance, ops.norms(displacements), group["spd_weight_decay"])
-            for p, c, factor in zip(params, displacements, (keep - 1).unbind(0), strict=True):
-                p.addcmul_(c, factor)
-            del displacements
+        for group, params, anchors, alignment, distance, scratch in pending:
+            _, new_distance = ops.spd_measure(params, anchors, scratch=scratch)
+            strength = 1 - ops.spd_keep(alignment, distance, new_distance, group["spd_weight_decay"])
+            ops.decay_toward_anchors_(params, anchors, strength)
         return loss
-
-    @staticmethod
-    def _displacements(params, anchors):
-        if anchors[0] is None:
-            return list(params)
-        return torch._foreach_sub(params, anchors)

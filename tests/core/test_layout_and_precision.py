@@ -61,9 +61,7 @@ def test_a_kernel_in_keras_layout_follows_the_torch_layouts_trajectory(kind):
     flips = {"w": (1, 0), "conv": (2, 3, 1, 0)}  # torch → keras layout
     params = {n: np.transpose(p, flips[n]).copy() for n, p in problem.theta0.items()}
     states = {n: core.ftp_init(p, row_axis=-1) for n, p in params.items()}
-    base = {
-        n: core.adam_init(p) if kind == "adam_ftp" else core.sgd_init(p) for n, p in params.items()
-    }
+    base = {n: core.adam_init(p) if kind == "adam_ftp" else core.sgd_init(p) for n, p in params.items()}
     for t in range(8):
         grads = {n: problem.gradient(n, p, t) for n, p in ref.params.items()}
         ref.step(grads)

@@ -22,12 +22,12 @@ def model(seed=0, dtype=torch.float32, device="cpu"):
     )
 
 
-def train(opt, net, steps=5, seed=1, scaler=None, scheduler=None, dtype=None):
+def train(opt, net, steps=5, seed=1, scaler=None, scheduler=None, dtype=None, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     p0 = next(net.parameters())
     for _ in range(steps):
         x = torch.randn(8, 6, generator=gen).to(device=p0.device, dtype=dtype or p0.dtype)
-        loss = net(x).pow(2).mean()
+        loss = net(x).pow(2).mean() * scale
         opt.zero_grad()
         if scaler is None:
             loss.backward()
@@ -100,10 +100,8 @@ def test_sparse_and_complex_gradients_raise_before_any_update(cls):
     assert all(torch.equal(a, b) for a, b in zip(before, params_of(net), strict=True))
     assert all("step" not in s for s in opt.state.values())
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
-    opt = cls([z], lr=0.1)
-    z.grad = torch.ones_like(z)
     with pytest.raises(TypeError, match="complex"):
-        opt.step()
+        cls([z], lr=0.1)
 
 
 # -- anchors, skips, groups ------------------------------------------------------------------
@@ -244,23 +242,29 @@ def test_grad_scaler(kind):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_low_precision_parameters(kind, dtype):
+    """16-bit parameters keep their dtype; FTP's and SPD's statistics are float32 and stay finite."""
     eps = 1e-4 if dtype == torch.float16 else 1e-8  # 1e-8 is 0 in float16, as for torch.optim.Adam
+    # float16 Adam's second moments underflow for small gradients, as torch.optim.Adam's do without a
+    # GradScaler: a larger loss (Adam is scale-invariant) keeps the base step itself comparable
+    scale = 100.0 if dtype == torch.float16 and kind != "SGDFTP" else 1.0
     reference, net = model(), model(dtype=dtype)
-    train(BUILDERS[kind](list(reference.parameters()), eps=eps), reference, steps=4, dtype=torch.float32)
+    with torch.no_grad():  # the same (rounded) start for both runs
+        for p, q in zip(reference.parameters(), net.parameters(), strict=True):
+            p.copy_(q.float())
+    reference_opt = BUILDERS[kind](list(reference.parameters()), eps=eps)
+    train(reference_opt, reference, steps=6, dtype=torch.float32, scale=scale)
     opt = BUILDERS[kind](list(net.parameters()), eps=eps)
-    train(opt, net, steps=4)
+    train(opt, net, steps=6, scale=scale)
     for p, q in zip(net.parameters(), reference.parameters(), strict=True):
         assert p.dtype == dtype
         assert torch.isfinite(p).all()
-        if dtype == torch.bfloat16:
-            # float16 Adam's second moments underflow (as torch.optim.Adam's do without a GradScaler)
-            torch.testing.assert_close(p.float(), q, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(p.float(), q, rtol=0.05, atol=0.02)
     state_dict = opt.state_dict()
     states = [state_dict["state"]] + ([state_dict["base"]["state"]] if "base" in state_dict else [])
     for state in states:
         for values in state.values():
             for key, value in values.items():
-                if key.startswith("radius") or key == "step":
+                if key.startswith("radius") or key in ("step", "prev_inv_norm"):
                     assert value.dtype == torch.float32, key
                 elif value.ndim:
                     assert value.dtype == dtype, key

@@ -102,7 +102,7 @@ def test_load_rejects_mismatched_anchor():
     with pytest.raises(ValueError, match="anchor"):
         AdamSPD([torch.nn.Parameter(torch.randn(4, 3))]).load_state_dict(state_dict)
     del state_dict["state"][0]["anchor"]
-    with pytest.raises(ValueError, match="no anchor"):
+    with pytest.raises(ValueError, match="no 'anchor'"):
         AdamSPD([torch.nn.Parameter(torch.randn(4, 3))]).load_state_dict(state_dict)
 
 
