@@ -39,7 +39,7 @@ def golden(session, backend, env=None):
 @nox.session(name="tests-core")
 def tests_core(session):
     """The core on NumPy, array_api_strict, jax.numpy under jit and torch under torch.compile; the CLI."""
-    install(session, "torch", "jax")
+    install(session, "torch", "jax", "flax")
     session.run("pytest", "tests/core", "tests/cli", *session.posargs)
 
 
@@ -70,7 +70,7 @@ def tests_torch(session):
 @nox.session(name="tests-jax")
 def tests_jax(session):
     """The optax adapter (with 4 host CPU devices for the sharding test), then the golden replay."""
-    install(session, "jax", "torch")
+    install(session, "jax", "torch", "flax")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     session.run("pytest", "tests/jax", *session.posargs, env=env)
     golden(session, "jax")

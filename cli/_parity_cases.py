@@ -86,6 +86,7 @@ class ClosedLoop:
     """`g_t = h ⊙ (θ − target) + noise_t`: gradients computed in NumPy from each backend's θ."""
 
     name = "closed-loop"
+    scope = "arrays"
 
     def __init__(self, seed=0, steps=STEPS):
         self.problem = closed_loop_problem(seed, steps)
@@ -110,6 +111,7 @@ class MLP:
     """
 
     name = "mlp"
+    scope = "arrays"
     shapes: ClassVar[dict] = {
         "fc.weight": (16, 8),
         "fc.bias": (16,),
@@ -144,7 +146,73 @@ class MLP:
         }
 
 
-PROBLEMS = {"closed-loop": ClosedLoop, "mlp": MLP}
+class SameModel:
+    """One small CNN + MLP built from each framework's own layers, with the same weights.
+
+    The network: `conv` (Conv2d 2→4, 3×3, no padding), tanh, the mean over the 4×4 map,
+    `fc` (Linear 4→8), tanh, `head` (Linear 8→3); the loss is the mean squared error on a fixed
+    batch. `theta0` and every trajectory are in PyTorch's layout (`conv.weight` `(4, 2, 3, 3)`,
+    `fc.weight` `(8, 4)`); Keras and flax keep their kernels as `(3, 3, 2, 4)` and `(4, 8)`,
+    outputs on the last axis, and convert on the way in and out. The MARS rows are output
+    units in every layout (ALGORITHMS.md §1), so the same model gives the same trajectory.
+    """
+
+    name = "same-model"
+    scope = "same model"
+    #: PyTorch layout → Keras / flax layout of each weight (biases are the same).
+    TO_CHANNELS_LAST: ClassVar[dict] = {"conv.weight": (2, 3, 1, 0), "fc.weight": (1, 0), "head.weight": (1, 0)}
+
+    def __init__(self, seed=0, steps=STEPS, batch=16):
+        rng = np.random.default_rng(seed + 2000)
+        self.steps = steps
+        self.theta0 = {
+            "conv.weight": rng.standard_normal((4, 2, 3, 3)) / np.sqrt(18),
+            "conv.bias": 0.1 * rng.standard_normal(4),
+            "fc.weight": rng.standard_normal((8, 4)) / 2.0,
+            "fc.bias": 0.1 * rng.standard_normal(8),
+            "head.weight": rng.standard_normal((3, 8)) / np.sqrt(8),
+            "head.bias": 0.1 * rng.standard_normal(3),
+        }
+        self.x = rng.standard_normal((batch, 2, 6, 6))  # NCHW
+        self.y = rng.standard_normal((batch, 3))
+
+    @classmethod
+    def to_channels_last(cls, name, value):
+        """A PyTorch-layout weight (or input batch, ``name="x"``) in Keras's and flax's layout."""
+        if name == "x":
+            return np.transpose(value, (0, 2, 3, 1))
+        axes = cls.TO_CHANNELS_LAST.get(name)
+        return value if axes is None else np.transpose(value, axes)
+
+    @classmethod
+    def from_channels_last(cls, name, value):
+        axes = cls.TO_CHANNELS_LAST.get(name)
+        return value if axes is None else np.transpose(value, np.argsort(axes))
+
+    def gradients(self, params, step_index=None):
+        """Hand-written backward pass in float64 (the reference's gradients)."""
+        p = {n: np.asarray(v, dtype=np.float64) for n, v in params.items()}
+        windows = np.lib.stride_tricks.sliding_window_view(self.x, (3, 3), axis=(2, 3))  # N C 4 4 3 3
+        conv = np.einsum("ncijab,ocab->noij", windows, p["conv.weight"]) + p["conv.bias"][:, None, None]
+        act = np.tanh(conv)
+        pooled = act.mean(axis=(2, 3))
+        hidden = np.tanh(pooled @ p["fc.weight"].T + p["fc.bias"])
+        out = hidden @ p["head.weight"].T + p["head.bias"]
+        d_out = 2.0 * (out - self.y) / out.size
+        d_hidden = (d_out @ p["head.weight"]) * (1.0 - hidden**2)
+        d_pooled = d_hidden @ p["fc.weight"]
+        d_conv = (d_pooled[:, :, None, None] / 16.0) * (1.0 - act**2)
+        return {
+            "conv.weight": np.einsum("noij,ncijab->ocab", d_conv, windows),
+            "conv.bias": d_conv.sum(axis=(0, 2, 3)),
+            "fc.weight": d_hidden.T @ pooled,
+            "fc.bias": d_hidden.sum(axis=0),
+            "head.weight": d_out.T @ hidden,
+            "head.bias": d_out.sum(axis=0),
+        }
+
+
+PROBLEMS = {"closed-loop": ClosedLoop, "mlp": MLP, "same-model": SameModel}
 DTYPES = ("float64", "float32")
 #: Largest |backend − reference| allowed, by dtype (float32 trajectories drift by rounding).
 TOLERANCE = {"float64": 1e-10, "float32": 2e-4}
@@ -158,6 +226,8 @@ _KERAS_MATMUL = (
 LOOSER = {
     ("keras/jax", "mlp", "float64"): (1e-6, _KERAS_MATMUL),
     ("keras/torch", "mlp", "float64"): (1e-6, _KERAS_MATMUL),
+    ("keras/jax", "same-model", "float64"): (1e-6, _KERAS_MATMUL),
+    ("keras/torch", "same-model", "float64"): (1e-6, _KERAS_MATMUL),
 }
 
 

@@ -10,15 +10,19 @@ import optax  # noqa: E402
 
 from tether.adapters import jax as tj  # noqa: E402
 
-from ._parity_cases import MLP, full_hparams  # noqa: E402
+from ._parity_cases import MLP, SameModel, full_hparams  # noqa: E402
 
 FUSED = {"adam_ftp": tj.adam_ftp, "sgd_ftp": tj.sgd_ftp, "adam_spd": tj.adam_spd}
 
 
-def build(case, names):
-    """The case's optax transformation (a wrapper around optax's own base, or a fused one)."""
+def build(case, names, mask=None):
+    """The case's optax transformation (a wrapper around optax's own base, or a fused one).
+
+    `mask` defaults to a dict by name: the tensors in `case.unanchored` are unanchored.
+    """
     h = full_hparams(case)
-    mask = {n: n not in case.unanchored for n in names}
+    if mask is None:
+        mask = {n: n not in case.unanchored for n in names}
     b1, b2 = h.get("betas", (0.9, 0.999))  # for the wrappers' optax bases
     if case.wrapper == "ftp" and case.kind == "adam_ftp":
         inner = optax.adamw(h["lr"], b1=b1, b2=b2, eps=h["eps"], weight_decay=h["weight_decay"])
@@ -49,8 +53,65 @@ def _mlp_loss(params, x, y):
     return jnp.mean((out - y) ** 2)
 
 
+_LAYERS = ("conv", "fc", "head")
+
+
+def _flax_network(dtype):
+    """`SameModel` built from flax.linen layers (kernels `(kh, kw, in, out)` and `(in, out)`)."""
+    import flax.linen as nn
+
+    class Network(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            layer = dict(dtype=dtype, param_dtype=dtype)
+            conv = nn.Conv(4, (3, 3), padding="VALID", name="conv", **layer)(x)
+            hidden = jnp.tanh(nn.Dense(8, name="fc", **layer)(jnp.tanh(conv).mean(axis=(1, 2))))
+            return nn.Dense(3, name="head", **layer)(hidden)
+
+    return Network()
+
+
+def _run_same_model(case, problem, dtype):
+    """The case on `SameModel` built with flax, in flax's layout; the trajectory in PyTorch's."""
+    try:
+        network = _flax_network(dtype)
+    except ImportError:
+        return None  # flax is not installed: nothing to build the model with
+
+    def leaf(name):
+        return jnp.asarray(SameModel.to_channels_last(name, problem.theta0[name]), dtype=dtype)
+
+    def per_layer(fn):
+        return {
+            "params": {
+                layer: {"kernel": fn(f"{layer}.weight"), "bias": fn(f"{layer}.bias")} for layer in _LAYERS
+            }
+        }
+
+    params = per_layer(leaf)
+    tx = build(case, list(problem.theta0), mask=per_layer(lambda n: n not in case.unanchored))
+    x = jnp.asarray(SameModel.to_channels_last("x", problem.x), dtype=dtype)
+    y = jnp.asarray(problem.y, dtype=dtype)
+    grad_fn = jax.jit(jax.grad(lambda p: jnp.mean((network.apply(p, x) - y) ** 2)))
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    trajectory = {n: [] for n in problem.theta0}
+    for _ in range(problem.steps):
+        updates, state = update(grad_fn(params), state, params)
+        params = optax.apply_updates(params, updates)
+        for layer in _LAYERS:
+            for key, kind in (("kernel", "weight"), ("bias", "bias")):
+                name = f"{layer}.{kind}"
+                value = np.asarray(params["params"][layer][key], dtype=np.float64)
+                trajectory[name].append(SameModel.from_channels_last(name, value))
+    return {n: np.stack(v) for n, v in trajectory.items()}
+
+
 def run(case, problem, dtype, device):
     dev = jax.devices(device)[0]
+    if isinstance(problem, SameModel):
+        with jax.default_device(dev):
+            return _run_same_model(case, problem, dtype)
     with jax.default_device(dev):
         params = {n: jnp.asarray(v, dtype=dtype) for n, v in problem.theta0.items()}
         tx = build(case, list(params))

@@ -14,7 +14,7 @@ from keras import ops
 
 from tether.adapters import keras as tk
 
-from ._parity_cases import MLP, full_hparams
+from ._parity_cases import MLP, SameModel, full_hparams
 from ._workers import devices
 
 
@@ -72,6 +72,8 @@ def run(case, problem, dtype, device):
     # CPU-only machine leaves train_on_batch with no gradients
     scope = contextlib.nullcontext() if device == _default_device() else keras.device(f"{device}:0")
     with scope:
+        if isinstance(problem, SameModel):
+            return _run_same_model(case, problem, dtype, opt)
         if isinstance(problem, MLP):
             return _run_mlp(case, problem, dtype, opt)
         return _run_closed_loop(case, problem, dtype, opt)
@@ -106,4 +108,36 @@ def _run_mlp(case, problem, dtype, opt):
         model.train_on_batch(x, y)
         for n, v in model.weights_by_name.items():
             trajectory[n].append(ops.convert_to_numpy(v).astype(np.float64))
+    return {n: np.stack(v) for n, v in trajectory.items()}
+
+
+def _run_same_model(case, problem, dtype, opt):
+    """The case on `SameModel` built from Keras layers, in Keras's layout; the trajectory in PyTorch's."""
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2), dtype=dtype),
+            layers.Conv2D(4, 3, activation="tanh", name="conv", dtype=dtype),
+            layers.GlobalAveragePooling2D(dtype=dtype),
+            layers.Dense(8, activation="tanh", name="fc", dtype=dtype),
+            layers.Dense(3, name="head", dtype=dtype),
+        ]
+    )
+    variables = {}
+    for layer in ("conv", "fc", "head"):
+        built = model.get_layer(layer)
+        variables[f"{layer}.weight"], variables[f"{layer}.bias"] = built.kernel, built.bias
+    for name, variable in variables.items():
+        variable.assign(SameModel.to_channels_last(name, problem.theta0[name]).astype(dtype))
+    if case.unanchored:
+        opt.exclude_from_anchor(var_list=[variables[n] for n in case.unanchored])
+    model.compile(optimizer=opt, loss="mse", run_eagerly=True)
+    x = SameModel.to_channels_last("x", problem.x).astype(dtype)
+    y = problem.y.astype(dtype)
+    trajectory = {n: [] for n in variables}
+    for _ in range(problem.steps):
+        model.train_on_batch(x, y)
+        for n, v in variables.items():
+            value = ops.convert_to_numpy(v).astype(np.float64)
+            trajectory[n].append(SameModel.from_channels_last(n, value))
     return {n: np.stack(v) for n, v in trajectory.items()}

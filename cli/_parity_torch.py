@@ -5,7 +5,7 @@ import torch
 
 from tether.adapters import torch as tt
 
-from ._parity_cases import MLP, full_hparams
+from ._parity_cases import MLP, SameModel, full_hparams
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -42,18 +42,49 @@ def _mlp_loss(problem, params, dtype, device):
     return torch.mean((out - y) ** 2)
 
 
+class _Network(torch.nn.Module):
+    """`SameModel` built from torch.nn layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3)
+        self.fc = torch.nn.Linear(4, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        pooled = torch.tanh(self.conv(x)).mean(dim=(2, 3))
+        return self.head(torch.tanh(self.fc(pooled)))
+
+
+def _same_model(problem, dt, device):
+    """The network with `problem.theta0`'s weights, its parameters by name, and its loss."""
+    net = _Network().to(dtype=dt, device=device)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(torch.as_tensor(problem.theta0[n]))
+    x = torch.as_tensor(problem.x, dtype=dt, device=device)
+    y = torch.as_tensor(problem.y, dtype=dt, device=device)
+    return dict(net.named_parameters()), lambda: torch.mean((net(x) - y) ** 2)
+
+
 def run(case, problem, dtype, device):
     """The case's trajectory on `problem`: `{name: array (steps, *shape)}`."""
     dt = DTYPES[dtype]
-    params = {
-        n: torch.nn.Parameter(torch.tensor(v, dtype=dt, device=device)) for n, v in problem.theta0.items()
-    }
+    loss_fn = None
+    if isinstance(problem, SameModel):
+        params, loss_fn = _same_model(problem, dt, device)
+    else:
+        params = {
+            n: torch.nn.Parameter(torch.tensor(v, dtype=dt, device=device)) for n, v in problem.theta0.items()
+        }
+    if isinstance(problem, MLP):
+        loss_fn = lambda: _mlp_loss(problem, params, dt, device)  # noqa: E731
     opt = build(case, params)
     trajectory = {n: [] for n in params}
     for t in range(problem.steps):
         opt.zero_grad()
-        if isinstance(problem, MLP):
-            _mlp_loss(problem, params, dt, device).backward()
+        if loss_fn is not None:
+            loss_fn().backward()
         else:
             grads = problem.gradients({n: p.detach().cpu().numpy() for n, p in params.items()}, t)
             for n, p in params.items():

@@ -24,6 +24,10 @@ from ._workers import devices as all_devices
 def worker(backend, device_filter, steps):
     """Run every case on one backend; print one JSON line per result."""
     import importlib
+    import warnings
+
+    # the zero-anchor FTP cases check ALGORITHMS.md's rule on nonzero tensors on purpose
+    warnings.filterwarnings("ignore", message=r".*anchor='zero' but .* not zero")
 
     import numpy as np
 
@@ -44,6 +48,7 @@ def worker(backend, device_filter, steps):
                         "device": device,
                         "optimizer": case.name,
                         "problem": problem.name,
+                        "scope": problem.scope,
                         "dtype": dtype,
                         "tolerance": tol,
                     }
@@ -122,10 +127,15 @@ def run_backend(backend, device_filter, steps, progress):
 
 
 def summarize(records):
-    """One row per backend × device × optimizer × dtype: the worst deviation over the problems."""
+    """One row per backend × device × optimizer × problem scope × dtype: the worst over its problems.
+
+    The scope is ``"arrays"`` (the closed-loop problem and the MLP: the same arrays, in PyTorch's
+    layout, in every framework) or ``"same model"`` (a CNN built from each framework's own
+    layers, in its own layout).
+    """
     rows = {}
     for r in records:
-        key = (r["backend"], r["device"], r["optimizer"], r["dtype"])
+        key = (r["backend"], r["device"], r["optimizer"], r.get("scope", "arrays"), r["dtype"])
         row = rows.setdefault(key, {"deviation": None, "tolerance": r["tolerance"], "verdicts": []})
         if r["tolerance"] is not None:
             row["tolerance"] = max(row["tolerance"] or 0.0, r["tolerance"])
@@ -133,7 +143,7 @@ def summarize(records):
         if r.get("deviation") is not None:
             row["deviation"] = max(row["deviation"] or 0.0, r["deviation"])
     table = []
-    for (backend, device, optimizer, dtype), row in rows.items():
+    for (backend, device, optimizer, scope, dtype), row in rows.items():
         verdicts = row["verdicts"]
         if "ERROR" in verdicts:
             verdict = "ERROR"
@@ -143,15 +153,15 @@ def summarize(records):
             verdict = "n/a"
         else:
             verdict = "pass"
-        table.append((backend, device, optimizer, dtype, row["deviation"], row["tolerance"], verdict))
+        table.append((backend, device, optimizer, scope, dtype, row["deviation"], row["tolerance"], verdict))
     return table
 
 
 def format_table(table):
-    header = ("backend", "device", "optimizer", "dtype", "max |Δ|", "tolerance", "verdict")
+    header = ("backend", "device", "optimizer", "problem", "dtype", "max |Δ|", "tolerance", "verdict")
     cells = [header] + [
-        (b, d, o, t, "-" if dev is None else f"{dev:.2e}", "-" if tol is None else f"{tol:.0e}", v)
-        for b, d, o, t, dev, tol, v in table
+        (b, d, o, p, t, "-" if dev is None else f"{dev:.2e}", "-" if tol is None else f"{tol:.0e}", v)
+        for b, d, o, p, t, dev, tol, v in table
     ]
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
@@ -220,6 +230,7 @@ def main(args):
                                     "backend",
                                     "device",
                                     "optimizer",
+                                    "problem",
                                     "dtype",
                                     "max_abs_deviation",
                                     "tolerance",

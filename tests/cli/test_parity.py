@@ -18,6 +18,7 @@ def record(
         "device": "cpu",
         "optimizer": optimizer,
         "problem": problem,
+        "scope": "same model" if problem == "same-model" else "arrays",
         "dtype": dtype,
         "tolerance": 1e-10,
         "deviation": deviation,
@@ -33,17 +34,21 @@ def test_a_row_takes_the_worst_problem_and_the_worst_verdict():
             record(optimizer="adam_ftp", deviation=None, verdict="ERROR"),
             record(optimizer="adam_ftp", problem="closed-loop", deviation=2.0, verdict="FAIL"),
             record(optimizer="ftp(adamw) wrapper", deviation=None, verdict="n/a"),
+            record(problem="same-model", deviation=2e-2, verdict="FAIL"),
         ]
     )
-    rows = {row[2]: row for row in table}
-    assert rows["adam_spd"][4] == 3e-14 and rows["adam_spd"][-1] == "pass"
-    assert rows["adam_ftp"][-1] == "ERROR" and rows["adam_ftp"][4] == 2.0
+    same_model = [row for row in table if row[3] == "same model"]
+    assert len(same_model) == 1 and same_model[0][-1] == "FAIL"  # a row of its own
+    rows = {row[2]: row for row in table if row[3] == "arrays"}
+    assert rows["adam_spd"][5] == 3e-14 and rows["adam_spd"][-1] == "pass"
+    assert rows["adam_ftp"][-1] == "ERROR" and rows["adam_ftp"][5] == 2.0
     assert rows["ftp(adamw) wrapper"][-1] == "n/a"
     text = parity.format_table(table)
     assert text.splitlines()[0].split() == [
         "backend",
         "device",
         "optimizer",
+        "problem",
         "dtype",
         "max",
         "|Δ|",
@@ -101,7 +106,8 @@ def test_a_real_run_passes(backend, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 22  # 11 cases × 2 dtypes on the CPU
+    assert len(rows) == 44  # 11 cases × 2 dtypes × 2 problem scopes on the CPU
+    assert {r["problem"] for r in rows} == {"arrays", "same model"}
     assert all(r["verdict"] == "pass" for r in rows)
     assert max(r["max_abs_deviation"] for r in rows if r["dtype"] == "float64") < 1e-12
 
