@@ -160,7 +160,11 @@ class SameModel:
     name = "same-model"
     scope = "same model"
     #: PyTorch layout → Keras / flax layout of each weight (biases are the same).
-    TO_CHANNELS_LAST: ClassVar[dict] = {"conv.weight": (2, 3, 1, 0), "fc.weight": (1, 0), "head.weight": (1, 0)}
+    TO_CHANNELS_LAST: ClassVar[dict] = {
+        "conv.weight": (2, 3, 1, 0),
+        "fc.weight": (1, 0),
+        "head.weight": (1, 0),
+    }
 
     def __init__(self, seed=0, steps=STEPS, batch=16):
         rng = np.random.default_rng(seed + 2000)
