@@ -11,6 +11,11 @@ JAX, `array_api_strict`, or the namespace the Keras adapter builds on
   `sgd_direction`, with `AdamState`, `SGDState`;
 - FTP (`tether.core.ftp`): `radius_gradient`, `damp_radius_gradient`,
   `radius_update`, `ftp_project`, with `FTPState`;
+- TPGM (`tether.core.tpgm`, ALGORITHMS.md §7): `tpgm_norm`,
+  `initial_constraint`, `clip_constraint`, `projection_ratio`,
+  `tpgm_projected`, `tpgm_project`, `check_norm`;
+- the baselines (`tether.core.baselines`, §8): `l2_sp_gradient`,
+  `mars_sp_project`, `wise_ft`;
 - SPD (`tether.core.spd`): `spd_statistics`, `decay_ratio`,
   `decay_strength`, `decay_toward_anchor`, `spd_decay`, `spd_step`,
   `statistics_dtype`.
@@ -29,7 +34,7 @@ The subset of the Array API standard the core uses (a namespace passed as
 `xp` must supply each of these):
 
 - functions: `abs`, `asarray`, `astype`, `clip`, `full_like`, `max`,
-  `maximum`, `ones_like`, `result_type`, `sqrt`, `sum` (with `axis`
+  `maximum`, `min`, `ones_like`, `result_type`, `sqrt`, `sum` (with `axis`
   and `keepdims`), `where`, `zeros`, `zeros_like`;
 - the dtype `float32`;
 - on arrays: `.dtype`, `.ndim`, and the operators `+ - * / **`,
@@ -37,6 +42,7 @@ The subset of the Array API standard the core uses (a namespace passed as
 """
 
 from .base import AdamState, SGDState, adam_direction, adam_init, sgd_direction, sgd_init
+from .baselines import l2_sp_gradient, mars_sp_project, wise_ft
 from .ftp import (
     FTPState,
     damp_radius_gradient,
@@ -57,8 +63,29 @@ from .spd import (
     spd_step,
     statistics_dtype,
 )
+from .tpgm import (
+    TPGM_NORMS,
+    check_norm,
+    clip_constraint,
+    initial_constraint,
+    projection_ratio,
+    tpgm_norm,
+    tpgm_project,
+    tpgm_projected,
+)
 
 __all__ = [
+    "wise_ft",
+    "tpgm_projected",
+    "tpgm_project",
+    "tpgm_norm",
+    "projection_ratio",
+    "mars_sp_project",
+    "l2_sp_gradient",
+    "initial_constraint",
+    "clip_constraint",
+    "check_norm",
+    "TPGM_NORMS",
     "AdamState",
     "FTPState",
     "SGDState",

@@ -88,10 +88,12 @@ def project(displacement, radius, norm=None, *, row_axis=0, xp=None):
     displacement's dtype.
     """
     xp = namespace(xp, displacement, radius, norm)
+    # the norm and the scale in at least float32 (ALGORITHMS.md §9), the result in c's dtype
+    c = xp.astype(displacement, xp.result_type(displacement.dtype, xp.float32), copy=False)
     if norm is None:
-        norm = mars_norm(displacement, row_axis=row_axis, xp=xp)
+        norm = mars_norm(c, row_axis=row_axis, xp=xp)
     # divide only where the row is outside the ball: no 0/0 for a zero row, no overflow for a tiny one
     outside = norm > radius
     one = xp.ones_like(norm)
     scale = xp.where(outside, radius / xp.where(outside, norm, one), one)
-    return xp.astype(scale * displacement, displacement.dtype, copy=False)
+    return xp.astype(scale * c, displacement.dtype, copy=False)
