@@ -14,6 +14,9 @@ import nox
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 GOLDEN_CHECK = ROOT.parent / "shared" / "tools" / "golden_check.py"
+TPGM_CHECK = ROOT.parent / "shared" / "tools" / "tpgm_check.py"
+#: The backends whose TPGM replays the authors' runs (ALGORITHMS.md §7).
+TPGM_BACKENDS = ("torch",)
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 #: The C kernels of the PyTorch adapter are optional at install; here a missing build fails
 #: their tests (TETHER_REQUIRE_KERNELS=0 skips them, for a machine without a C compiler).
@@ -29,11 +32,13 @@ def install(session, *extras):
 
 
 def golden(session, backend, env=None):
-    """Replay the authors' golden trajectories when ../shared is beside the checkout."""
-    if GOLDEN_CHECK.exists():
-        session.run("python", str(GOLDEN_CHECK), backend, env=env)
-    else:
+    """Replay the authors' golden trajectories (FTP, SPD; TPGM) when ../shared is beside the checkout."""
+    if not GOLDEN_CHECK.exists():
         session.log(f"{GOLDEN_CHECK} not found: golden replay skipped")
+        return
+    session.run("python", str(GOLDEN_CHECK), backend, env=env)
+    if backend in TPGM_BACKENDS and TPGM_CHECK.exists():
+        session.run("python", str(TPGM_CHECK), backend, env=env)
 
 
 @nox.session(name="tests-core")

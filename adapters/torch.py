@@ -26,8 +26,9 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from . import _torch_ops as ops
+from ._torch_tpgm import TPGM
 
-__all__ = ["FTP", "SGDFTP", "SPD", "AdamFTP", "AdamSPD"]
+__all__ = ["FTP", "SGDFTP", "SPD", "TPGM", "AdamFTP", "AdamSPD"]
 
 ANCHOR_MODES = ("init", "zero", None)
 #: 0-d state: the step count, FTP's radius and its moments.
