@@ -25,10 +25,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from .. import core
 from . import _torch_ops as ops
 from ._torch_tpgm import TPGM
 
-__all__ = ["FTP", "SGDFTP", "SPD", "TPGM", "AdamFTP", "AdamSPD"]
+__all__ = ["FTP", "L2SP", "MARSSP", "SGDFTP", "SPD", "TPGM", "AdamFTP", "AdamSPD", "wise_ft"]
 
 ANCHOR_MODES = ("init", "zero", None)
 #: 0-d state: the step count, FTP's radius and its moments.
@@ -893,3 +894,173 @@ class SPD(_Wrapper):
             strength = 1 - ops.spd_keep(alignment, distance, new_distance, group["spd_weight_decay"])
             ops.decay_toward_anchors_(params, anchors, strength)
         return loss
+
+
+class L2SP(_Wrapper):
+    r"""L2-SP around any torch optimizer: an L2 penalty toward the anchor, seen as a gradient term.
+
+    Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional
+    Networks", ICML 2018 (``ALGORITHMS.md`` §8). The loss gains ``(α/2) ‖θ − θ₀‖₂²`` over the
+    anchored tensors, so the wrapped optimizer steps on
+
+    $$
+    g \leftarrow g + \alpha\,(\theta - \theta_0)
+    $$
+
+    and its momentum or Adam's moments see the penalty. ``p.grad`` is swapped for the
+    penalized gradient during the wrapped step and put back afterwards. The wrapper's ``α``
+    lives in each group under the key ``l2sp_alpha``; unanchored groups (``anchor=None``) take
+    the plain step.
+
+    Args:
+        optimizer: the base `torch.optim.Optimizer`; its ``param_groups`` are shared.
+        alpha: the penalty's strength ``α >= 0``.
+    """
+
+    method = "L2SP"
+
+    def __init__(self, optimizer: Optimizer, *, alpha: float) -> None:
+        super().__init__(optimizer, dict(l2sp_alpha=alpha, anchor="init"))
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        _number(type(self).__name__, "alpha", group["l2sp_alpha"], 0.0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Take the wrapped optimizer's step on the penalized gradients of the anchored tensors.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = _evaluate(closure)
+        self._adopt_groups(anchors=False)
+        swapped = []
+        for group, params, grads in self._gather():
+            if group["anchor"] is None:
+                continue
+            anchors = _anchor_list(group, [self.state[p] for p in params])
+            for p, g, anchor in zip(params, grads, anchors, strict=True):
+                swapped.append((p, g))
+                p.grad = _l2_sp_gradient(g, p, anchor, group["l2sp_alpha"])
+        try:
+            self.optimizer.step()
+        finally:
+            for p, g in swapped:
+                p.grad = g
+        return loss
+
+
+def _l2_sp_gradient(grad, param, anchor, alpha):
+    """``core.l2_sp_gradient``, ``g + α(θ − θ₀)``; 16-bit tensors in float32 (ATen's 16-bit ``add``
+    with ``alpha`` rounds differently in its vector and scalar loops, so its bits would follow
+    how the threads split the tensor)."""
+    wide = ops.statistics_dtype(grad.dtype)
+    if grad.dtype == wide:
+        return torch.add(grad, param if anchor is None else param - anchor, alpha=alpha)
+    displacement = param.to(wide) if anchor is None else param.to(wide) - anchor.to(wide)
+    return core.l2_sp_gradient(grad.to(wide), displacement, None, alpha, xp=ops.xp).to(grad.dtype)
+
+
+class MARSSP(_Wrapper):
+    r"""MARS-SP around any torch optimizer: after each step, the projection onto a fixed MARS ball.
+
+    Gouk, Hospedales, Pontil, "Distance-Based Regularisation of Deep Networks for Fine-Tuning",
+    ICLR 2021 (``ALGORITHMS.md`` §8). After the wrapped optimizer's step ``θ̃``, each anchored
+    tensor is projected, row by row (the output units), onto the ball of radius ``γ``:
+
+    $$
+    c = \tilde\theta - \theta_0, \quad n = \mathrm{MARS}(c), \quad
+    \theta \leftarrow \theta_0 + \mathrm{clip}(\gamma / n, 0, 1) \odot c
+    $$
+
+    Rows inside the ball are untouched. FTP (`FTP`, `AdamFTP`) learns this radius per tensor
+    instead. The wrapper's ``γ`` lives in each group under the key ``marssp_radius``.
+
+    Args:
+        optimizer: the base `torch.optim.Optimizer`; its ``param_groups`` are shared.
+        radius: the fixed radius ``γ >= 0`` of every anchored tensor's rows.
+    """
+
+    method = "MARSSP"
+
+    def __init__(self, optimizer: Optimizer, *, radius: float) -> None:
+        super().__init__(optimizer, dict(marssp_radius=radius, anchor="init"))
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        _number(type(self).__name__, "radius", group["marssp_radius"], 0.0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Take the wrapped optimizer's step, then project every anchored tensor that has a gradient.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = _evaluate(closure)
+        self._adopt_groups(anchors=False)
+        work = [(group, params) for group, params, _ in self._gather() if group["anchor"] is not None]
+        self.optimizer.step()
+        for group, params in work:
+            radius = group["marssp_radius"]
+            for p, anchor in zip(params, _anchor_list(group, [self.state[p] for p in params]), strict=True):
+                displacement = p if anchor is None else p - anchor
+                norm = ops.row_sum(torch.abs(displacement))  # summed as every step sums: thread-independent
+                projected = core.project(displacement, radius, norm, xp=ops.xp)
+                p.copy_(projected if anchor is None else anchor + projected)
+        return loss
+
+
+def wise_ft(model: torch.nn.Module, anchor_state_dict: dict, alpha: float) -> dict:
+    r"""WiSE-FT: the fine-tuned model's state interpolated with the pre-trained one.
+
+    Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022 (``ALGORITHMS.md`` §8).
+    For every floating-point entry of ``model.state_dict()`` (parameters and floating buffers
+    such as BatchNorm's running statistics):
+
+    $$
+    \theta = (1 - \alpha)\,\theta_0 + \alpha\,\theta_{ft}
+    $$
+
+    computed in at least float32; integer entries (BatchNorm's ``num_batches_tracked``) come from
+    the fine-tuned model. The model is not changed: load the result with
+    ``model.load_state_dict(wise_ft(model, anchor, alpha))``, so that several ``α`` can be tried
+    from the same fine-tuned weights.
+
+    Args:
+        model: the fine-tuned model.
+        anchor_state_dict: the pre-trained model's ``state_dict()`` (the same keys and shapes).
+        alpha: in ``[0, 1]``; 0 is the pre-trained model, 1 the fine-tuned one.
+
+    Returns:
+        A state dict with the model's keys.
+
+    Raises:
+        ValueError: ``alpha`` outside ``[0, 1]``, or the anchor's keys or shapes differ from the model's.
+    """
+    _number("wise_ft", "alpha", alpha, 0.0, 1.0)
+    finetuned = model.state_dict()
+    if set(anchor_state_dict) != set(finetuned):
+        missing = sorted(set(finetuned) - set(anchor_state_dict))
+        extra = sorted(set(anchor_state_dict) - set(finetuned))
+        raise ValueError(f"wise_ft: the anchor state dict lacks {missing} and has extra {extra}")
+    mixed = {}
+    for key, value in finetuned.items():
+        anchor = anchor_state_dict[key]
+        if not isinstance(anchor, torch.Tensor) or anchor.shape != value.shape:
+            shape = tuple(anchor.shape) if isinstance(anchor, torch.Tensor) else type(anchor).__name__
+            raise ValueError(f"wise_ft: the anchor's {key!r} is {shape}, the model's {tuple(value.shape)}")
+        if torch.is_floating_point(value):
+            mixed[key] = core.wise_ft(
+                anchor.to(device=value.device, dtype=value.dtype), value, alpha, xp=ops.xp
+            )
+        else:
+            mixed[key] = value.clone()
+    return mixed

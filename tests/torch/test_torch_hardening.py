@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_leaves
 from torch_helpers import BUILDERS, require_kernels
 
 from tether.adapters import _torch_ops
-from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
+from tether.adapters.torch import FTP, L2SP, MARSSP, SGDFTP, SPD, AdamFTP, AdamSPD
 
 KINDS = sorted(BUILDERS)
 PROJECTING = {"AdamFTP", "SGDFTP", "FTP"}
@@ -21,6 +21,8 @@ PLAIN = {
     "AdamSPD": lambda ps: AdamSPD(ps, lr=0.1, eps=1e-4, weight_decay=1.0),
     "FTP": lambda ps: FTP(torch.optim.SGD(ps, lr=0.1)),
     "SPD": lambda ps: SPD(torch.optim.Adam(ps, lr=0.1, eps=1e-4), weight_decay=1.0),
+    "L2SP": lambda ps: L2SP(torch.optim.Adam(ps, lr=0.1, eps=1e-4), alpha=0.5),
+    "MARSSP": lambda ps: MARSSP(torch.optim.SGD(ps, lr=0.1), radius=0.1),
 }
 
 

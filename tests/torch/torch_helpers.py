@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tether.adapters import _torch_ops
-from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
+from tether.adapters.torch import FTP, L2SP, MARSSP, SGDFTP, SPD, AdamFTP, AdamSPD
 from tether.core.reference import closed_loop_problem
 
 #: Anchor mode of each tensor of ``core.reference.DEFAULT_SHAPES``: every mode appears.
@@ -65,9 +65,25 @@ def _spd(groups, eps=1e-8):
     return SPD(torch.optim.Adam(groups, lr=0.05, eps=eps), weight_decay=0.5)
 
 
-#: Builders of the five public classes, with hyperparameters that exercise every branch
+def _l2sp(groups, eps=1e-8):
+    return L2SP(torch.optim.Adam(groups, lr=0.05, eps=eps), alpha=0.3)
+
+
+def _marssp(groups, eps=None):
+    return MARSSP(torch.optim.SGD(groups, lr=0.05, momentum=0.9), radius=0.5)
+
+
+#: Builders of the public optimizer classes, with hyperparameters that exercise every branch
 #: (``eps`` is Adam's, for float16, where 1e-8 underflows as in torch.optim.Adam).
-BUILDERS = {"AdamFTP": _adam_ftp, "SGDFTP": _sgd_ftp, "AdamSPD": _adam_spd, "FTP": _ftp, "SPD": _spd}
+BUILDERS = {
+    "AdamFTP": _adam_ftp,
+    "SGDFTP": _sgd_ftp,
+    "AdamSPD": _adam_spd,
+    "FTP": _ftp,
+    "SPD": _spd,
+    "L2SP": _l2sp,
+    "MARSSP": _marssp,
+}
 
 
 def resume_problem():
