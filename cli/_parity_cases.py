@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from tether.core.reference import ReferenceOptimizer, closed_loop_problem
+from tether.core import wise_ft
+from tether.core.reference import ReferenceOptimizer, ReferenceTPGM, closed_loop_problem
 
 STEPS = 25
 
@@ -69,14 +70,39 @@ CASES = (
         wrapper="spd",
         unanchored=("head.weight",),
     ),
+    Case(
+        "l2sp(sgd) wrapper",
+        "sgd_l2sp",
+        {"lr": 0.05, "momentum": 0.9, "alpha": 0.5},
+        wrapper="l2sp",
+        unanchored=("head.weight",),
+    ),
+    Case("marssp(sgd) wrapper", "sgd_marssp", {"lr": 0.05, "momentum": 0.9, "radius": 0.3}, wrapper="marssp"),
+    # Beside an optimizer rather than in it: on the problems with a model (`MODEL_KINDS`), the
+    # weights are moved by fixed fine-tuning steps (`finetuning_steps`) and then projected or mixed.
+    Case("tpgm mars", "tpgm", {"norm": "mars", "lr": 0.01, "iters": 2}, unanchored=("head.bias",)),
+    Case("tpgm l2", "tpgm", {"norm": "l2", "lr": 0.02, "iters": 1}),
+    Case("wise_ft", "wise_ft", {"alpha": 0.3}),
 )
+#: The cases that run beside fine-tuning and need a model and its loss: not on the closed-loop problem.
+MODEL_KINDS = ("tpgm", "wise_ft")
 
 
 def full_hparams(case):
     """The case's hyperparameters with every default filled in (PyTorch names)."""
     from tether.core.reference import DEFAULTS
 
-    return {**DEFAULTS[case.kind], **case.hparams}
+    return {**DEFAULTS.get(case.kind, {}), **case.hparams}
+
+
+def finetuning_steps(problem):
+    """Fixed displacements, one dict per step in PyTorch's layout: fine-tuning as the TPGM and
+    WiSE-FT cases see it (each backend adds them to its weights, then projects or mixes)."""
+    rng = np.random.default_rng(7)
+    return [
+        {n: 0.05 * rng.standard_normal(np.shape(v)) for n, v in problem.theta0.items()}
+        for _ in range(problem.steps)
+    ]
 
 
 # --- the problems -----------------------------------------------------------------------------------
@@ -241,13 +267,37 @@ def tolerance(backend, problem, dtype):
 
 
 def reference_trajectory(case, problem):
-    """The case run by the core on NumPy in float64: `{name: (steps, *shape)}`."""
+    """The case run by the core on NumPy in float64: `{name: (steps, *shape)}`.
+
+    `None` where the case does not apply: TPGM and WiSE-FT on the closed-loop problem.
+    """
     names = list(problem.theta0)
+    if case.kind in MODEL_KINDS:
+        return None if isinstance(problem, ClosedLoop) else _beside_finetuning(case, problem)
     opt = ReferenceOptimizer(case.kind, problem.theta0, anchors=case.anchors(names), **case.hparams)
     trajectory = {n: [] for n in names}
     for t in range(problem.steps):
         for n, p in opt.step(problem.gradients(opt.params, t)).items():
             trajectory[n].append(p.copy())
+    return {n: np.stack(v) for n, v in trajectory.items()}
+
+
+def _beside_finetuning(case, problem):
+    """TPGM calls or WiSE-FT mixes after each fixed fine-tuning step (`finetuning_steps`)."""
+    h = case.hparams
+    params = {n: v.copy() for n, v in problem.theta0.items()}
+    constrained = [n for n in params if n not in case.unanchored]
+    tpgm = ReferenceTPGM(problem.theta0, constrained=constrained, norm=h.get("norm"), lr=h.get("lr"))
+    trajectory = {n: [] for n in params}
+    for delta in finetuning_steps(problem):
+        params = {n: v + delta[n] for n, v in params.items()}
+        if case.kind == "tpgm":
+            params = tpgm.call(params, problem.gradients, h["iters"])
+            shown = params
+        else:
+            shown = {n: wise_ft(problem.theta0[n], v, h["alpha"]) for n, v in params.items()}
+        for n, v in shown.items():
+            trajectory[n].append(np.array(v, copy=True))
     return {n: np.stack(v) for n, v in trajectory.items()}
 
 

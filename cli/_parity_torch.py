@@ -5,12 +5,13 @@ import torch
 
 from tether.adapters import torch as tt
 
-from ._parity_cases import MLP, SameModel, full_hparams
+from ._parity_cases import MLP, MODEL_KINDS, SameModel, finetuning_steps, full_hparams
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 FUSED = {"adam_ftp": tt.AdamFTP, "sgd_ftp": tt.SGDFTP, "adam_spd": tt.AdamSPD}
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
 
 def build(case, params):
@@ -27,6 +28,11 @@ def build(case, params):
     if case.wrapper == "spd":
         inner = torch.optim.Adam(groups, lr=h["lr"], betas=h["betas"], eps=h["eps"], amsgrad=h["amsgrad"])
         return tt.SPD(inner, weight_decay=h["weight_decay"])
+    if case.wrapper in ("l2sp", "marssp"):
+        inner = torch.optim.SGD(groups, **{key: h[key] for key in _SGD_KEYS})
+        if case.wrapper == "l2sp":
+            return tt.L2SP(inner, alpha=h["alpha"])
+        return tt.MARSSP(inner, radius=h["radius"])
     k = h.pop("k")
     if case.kind == "adam_ftp":  # AdamW's decoupled decay is Adam-FTP's wd term
         h.pop("amsgrad")
@@ -34,12 +40,16 @@ def build(case, params):
     return tt.FTP(torch.optim.SGD(groups, **h), k=k)
 
 
-def _mlp_loss(problem, params, dtype, device):
-    x = torch.as_tensor(problem.x, dtype=dtype, device=device)
-    y = torch.as_tensor(problem.y, dtype=dtype, device=device)
-    hidden = torch.tanh(x @ params["fc.weight"].T + params["fc.bias"])
-    out = hidden @ params["head.weight"].T + params["head.bias"]
-    return torch.mean((out - y) ** 2)
+class _MLP(torch.nn.Module):
+    """`MLP` built from torch.nn layers (PyTorch's layout, as the problem is written)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)))
 
 
 class _Network(torch.nn.Module):
@@ -56,29 +66,35 @@ class _Network(torch.nn.Module):
         return self.head(torch.tanh(self.fc(pooled)))
 
 
-def _same_model(problem, dt, device):
-    """The network with `problem.theta0`'s weights, its parameters by name, and its loss."""
-    net = _Network().to(dtype=dt, device=device)
+def _model(problem, dt, device):
+    """The problem's network with `problem.theta0`'s weights, and its loss on the fixed batch."""
+    net = (_Network() if isinstance(problem, SameModel) else _MLP()).to(dtype=dt, device=device)
     with torch.no_grad():
         for n, p in net.named_parameters():
             p.copy_(torch.as_tensor(problem.theta0[n]))
     x = torch.as_tensor(problem.x, dtype=dt, device=device)
     y = torch.as_tensor(problem.y, dtype=dt, device=device)
-    return dict(net.named_parameters()), lambda: torch.mean((net(x) - y) ** 2)
+    return net, lambda batch=None: torch.mean((net(x) - y) ** 2)
+
+
+def _record(trajectory, named):
+    for n, p in named.items():
+        trajectory[n].append(p.detach().cpu().numpy().astype(np.float64))
 
 
 def run(case, problem, dtype, device):
     """The case's trajectory on `problem`: `{name: array (steps, *shape)}`."""
     dt = DTYPES[dtype]
-    loss_fn = None
-    if isinstance(problem, SameModel):
-        params, loss_fn = _same_model(problem, dt, device)
+    if case.kind in MODEL_KINDS:
+        return _beside_finetuning(case, problem, dt, device)
+    net, loss_fn = None, None
+    if isinstance(problem, (MLP, SameModel)):
+        net, loss_fn = _model(problem, dt, device)
+        params = dict(net.named_parameters())
     else:
         params = {
             n: torch.nn.Parameter(torch.tensor(v, dtype=dt, device=device)) for n, v in problem.theta0.items()
         }
-    if isinstance(problem, MLP):
-        loss_fn = lambda: _mlp_loss(problem, params, dt, device)  # noqa: E731
     opt = build(case, params)
     trajectory = {n: [] for n in params}
     for t in range(problem.steps):
@@ -90,6 +106,27 @@ def run(case, problem, dtype, device):
             for n, p in params.items():
                 p.grad = torch.as_tensor(grads[n], dtype=dt, device=device)
         opt.step()
-        for n, p in params.items():
-            trajectory[n].append(p.detach().cpu().numpy().astype(np.float64))
+        _record(trajectory, params)
+    return {n: np.stack(v) for n, v in trajectory.items()}
+
+
+def _beside_finetuning(case, problem, dt, device):
+    """TPGM calls (`tt.TPGM`) or WiSE-FT mixes (`tt.wise_ft`) after fixed fine-tuning steps."""
+    net, loss_fn = _model(problem, dt, device)
+    params = dict(net.named_parameters())
+    anchor = {k: v.clone() for k, v in net.state_dict().items()}
+    h = case.hparams
+    tpgm = None
+    if case.kind == "tpgm":
+        tpgm = tt.TPGM(net, norm=h["norm"], lr=h["lr"], exclude=list(case.unanchored))
+    trajectory = {n: [] for n in params}
+    for delta in finetuning_steps(problem):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(torch.as_tensor(delta[n], dtype=dt, device=device))
+        if tpgm is not None:
+            tpgm.step(loss_fn, [None], iters=h["iters"])
+            _record(trajectory, params)
+        else:
+            _record(trajectory, tt.wise_ft(net, anchor, h["alpha"]))
     return {n: np.stack(v) for n, v in trajectory.items()}

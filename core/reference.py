@@ -13,15 +13,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import adam_direction, adam_init, sgd_direction, sgd_init
+from .base import AdamState, adam_direction, adam_init, sgd_direction, sgd_init
+from .baselines import l2_sp_gradient, mars_sp_project
 from .ftp import ftp_init, ftp_project
+from .norms import rowdot
 from .spd import spd_step
+from .tpgm import (
+    clip_constraint,
+    initial_constraint,
+    projection_ratio,
+    tpgm_norm,
+    tpgm_project,
+    tpgm_projected,
+)
 
-#: The optimizers the reference knows, with their hyperparameters (PyTorch names) and defaults.
+_SGD = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)
+#: The optimizers the reference knows, with their hyperparameters (PyTorch names) and defaults:
+#: the fused FTP and SPD steps, and SGD with L2-SP's gradient term or MARS-SP's projection (§8).
 DEFAULTS = {
     "adam_ftp": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, k=1.0),
-    "sgd_ftp": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, k=1.0),
+    "sgd_ftp": dict(_SGD, k=1.0),
     "adam_spd": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False),
+    "sgd_l2sp": dict(_SGD, alpha=0.0),
+    "sgd_marssp": dict(_SGD, radius=1.0),
 }
 ANCHOR_MODES = ("init", "zero", None)
 
@@ -55,13 +69,13 @@ class ReferenceOptimizer:
         self.ftp = {n: ftp_init(p) for n, p in self.params.items() if kind.endswith("ftp") and self.modes[n]}
 
     def _base_init(self, p):
-        if self.kind == "sgd_ftp":
+        if self.kind.startswith("sgd"):
             return sgd_init(p)
         return adam_init(p, amsgrad=self.hparams["amsgrad"])
 
     def _direction(self, name, grad, step):
         h, param = self.hparams, self.params[name]
-        if self.kind == "sgd_ftp":
+        if self.kind.startswith("sgd"):
             return sgd_direction(
                 grad,
                 param,
@@ -96,10 +110,16 @@ class ReferenceOptimizer:
             grad = np.asarray(grad, dtype=param.dtype)
             self.steps[name] += 1
             step = self.steps[name]
-            direction, self.base[name] = self._direction(name, grad, step)
             anchor = self.anchors[name]
+            if self.kind == "sgd_l2sp" and self.modes[name]:
+                grad = l2_sp_gradient(grad, param, anchor, self.hparams["alpha"])
+            direction, self.base[name] = self._direction(name, grad, step)
             if not self.modes[name]:
                 self.params[name] = param - direction
+            elif self.kind == "sgd_l2sp":
+                self.params[name] = param - direction
+            elif self.kind == "sgd_marssp":
+                self.params[name] = mars_sp_project(param - direction, anchor, self.hparams["radius"])
             elif self.kind == "adam_spd":
                 self.params[name] = spd_step(param, direction, anchor, grad, self.hparams["weight_decay"])
             else:
@@ -111,6 +131,50 @@ class ReferenceOptimizer:
     def radius(self, name):
         """The FTP radius `γ` of an anchored tensor."""
         return self.ftp[name].radius
+
+
+class ReferenceTPGM:
+    """TPGM (ALGORITHMS.md §7) on named NumPy arrays, with the gradient of the loss given by a function.
+
+    `constrained` names the tensors with a constraint (the others are never projected); their
+    anchors are the arrays given. :meth:`call` is one TPGM call on the current weights, with
+    `gradients(params)` returning `∂L/∂θ` by name at the weights it is given (the projected
+    ones); `∂L/∂γ` follows by the chain rule through `θ_p = θ₀ + r(γ) ⊙ c`.
+    """
+
+    def __init__(self, anchors, *, constrained, norm="mars", lr=1e-2):
+        self.anchors = {n: np.array(anchors[n], copy=True) for n in constrained}
+        self.norm, self.lr = norm, lr
+        self.constraints = None
+        self.adam = {n: AdamState(np.zeros(()), np.zeros(())) for n in self.anchors}
+        self.steps = 0
+
+    def call(self, params, gradients, iters):
+        """One TPGM call; returns the weights with the constrained ones projected."""
+        displacements = {n: params[n] - a for n, a in self.anchors.items()}
+        norms = {n: tpgm_norm(c, self.norm) for n, c in displacements.items()}
+        if self.constraints is None:
+            self.constraints = {n: initial_constraint(v) for n, v in norms.items()}
+        for _ in range(iters):
+            projected = dict(params)
+            for n, c in displacements.items():
+                self.constraints[n] = clip_constraint(self.constraints[n], norms[n])
+                ratio = projection_ratio(self.constraints[n], norms[n])
+                projected[n] = tpgm_projected(self.anchors[n], c, ratio)
+            grads = gradients(projected)
+            self.steps += 1
+            for n, c in displacements.items():
+                moving = projection_ratio(self.constraints[n], norms[n]) < 1  # d r / d γ = 0 elsewhere
+                rows = rowdot(grads[n], c) if self.norm == "mars" else np.sum(grads[n] * c)
+                grad = np.sum(np.where(moving, rows / (norms[n] + 1e-8), 0.0))
+                direction, self.adam[n] = adam_direction(grad, self.adam[n], self.steps, lr=self.lr)
+                self.constraints[n] = self.constraints[n] - direction
+        out = dict(params)
+        for n in displacements:
+            out[n], self.constraints[n] = tpgm_project(
+                params[n], self.anchors[n], self.constraints[n], self.norm
+            )
+        return out
 
 
 @dataclass
