@@ -294,11 +294,13 @@ def _decayed_by(inner, params, leaves, anchored):
     """The paths of the anchored tensors that `inner` decays (a probe on concrete parameters; else none).
 
     Two zero-gradient steps of `inner` from `inner.init`, once at `θ` and once at `−θ`, in
-    one jitted program that returns a flag per tensor: a weight decay's update (`−λθ`) flips
-    with `θ`, so the two runs differ where `θ ≠ 0`; noise (the same key in both runs),
-    clipping, momentum and a parameter scale applied to a zero update do not. The second
-    step catches a learning-rate warm-up from 0. float16 is probed in float32, where a small
-    `lr · λ · θ` does not round to 0.
+    one jitted program that returns a flag per tensor. A tensor is decayed when, at either
+    step, the part of the update that flips with `θ` pulls every nonzero entry toward the
+    origin, as `−λθ` does. Noise (the same key in both runs), clipping, momentum, a parameter
+    scale applied to a zero update, and the rounding of a difference of interpolations
+    (schedule-free), which moves a few entries either way, do not. The second step catches
+    a learning-rate warm-up from 0. float16 is probed in float32, where a small `lr · λ · θ`
+    does not round to 0.
     """
     if not any(anchored) or not is_concrete(leaves.values):
         return []
@@ -306,7 +308,7 @@ def _decayed_by(inner, params, leaves, anchored):
     def widen(p):
         return p.astype(jnp.float32) if p.dtype == jnp.float16 else p
 
-    def moved(params):
+    def decayed(params):
         def two_steps(theta):
             zeros = jax.tree.map(jnp.zeros_like, theta)
             first, state = inner.update(zeros, inner.init(theta), theta)
@@ -316,14 +318,19 @@ def _decayed_by(inner, params, leaves, anchored):
         theta = jax.tree.map(widen, params)
         plus, minus = two_steps(theta), two_steps(jax.tree.map(jnp.negative, theta))
         flags = []
-        for i, flag in enumerate(anchored):
-            if flag:
-                gaps = [jnp.asarray(a[i]) - jnp.asarray(b[i]) for a, b in zip(plus, minus, strict=True)]
-                flags.append(jnp.any(jnp.stack([jnp.any(jnp.isfinite(g) & (g != 0)) for g in gaps])))
+        for i, (value, flag) in enumerate(zip(leaves.treedef.flatten_up_to(theta), anchored, strict=True)):
+            if not flag:
+                continue
+            nonzero = value != 0
+            steps = []
+            for a, b in zip(plus, minus, strict=True):
+                toward_origin = jnp.sign(jnp.asarray(a[i]) - jnp.asarray(b[i])) * jnp.sign(value) < 0
+                steps.append(jnp.any(nonzero) & jnp.all(toward_origin | ~nonzero))
+            flags.append(steps[0] | steps[1])
         return flags
 
     try:
-        flags = jax.device_get(jax.jit(moved)(params))
+        flags = jax.device_get(jax.jit(decayed)(params))
     except Exception:  # an inner that needs extra arguments (a line search): its update will say so
         return []
     paths = [path for path, flag in zip(leaves.paths, anchored, strict=True) if flag]
@@ -879,10 +886,11 @@ def spd(
     itself (its decay would pull them toward the origin, against SPD's pull toward
     the anchor): use `optax.adam`, not `optax.adamw`. `init` checks this on concrete
     parameters (not under `jax.jit`): it takes two zero-gradient steps of `inner`
-    from `inner.init`, with `θ` and with `−θ`, and raises `ValueError` if an
-    anchored tensor's update flips with `θ` (a decay `−λθ` does; noise, clipping,
-    momentum and schedules do not). A base whose learning rate is 0 for its first
-    two steps is not caught. Unanchored tensors take `u` unchanged (a base that
+    from `inner.init`, with `θ` and with `−θ`, and raises `ValueError` if, for an
+    anchored tensor, the part of the update that flips with `θ` pulls every nonzero
+    entry toward the origin (a decay `−λθ` does; noise, clipping, momentum and
+    schedules do not). A base whose learning rate is 0 for its first two steps is
+    not caught. Unanchored tensors take `u` unchanged (a base that
     decays only them is fine). `spd(optax.adam(lr), weight_decay=λ)` equals
     `adam_spd` up to rounding.
 

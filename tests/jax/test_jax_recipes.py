@@ -109,6 +109,9 @@ DECAYING = {
     "lamb": optax.lamb(1e-3, weight_decay=1e-2),
     "lion-default-decay": optax.lion(1e-4),
     "adafactor-decay": optax.adafactor(1e-3, weight_decay_rate=1e-3),
+    "nadamw-default-decay": optax.nadamw(1e-3),
+    "schedule-free-adamw-decay": optax.contrib.schedule_free_adamw(1e-3, weight_decay=1e-2),
+    "muon-decay": optax.contrib.muon(1e-3, weight_decay=1e-2),
 }
 
 
@@ -137,6 +140,9 @@ NOT_DECAYING = {
     "inject_hyperparams(adam)": optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
     "noisy_sgd": optax.noisy_sgd(1e-2, key=0),  # moves θ with a zero gradient, but not toward the origin
     "adamw-decaying-only-the-unanchored": optax.adamw(1e-3, weight_decay=1e-2, mask={"w": False, "b": True}),
+    # its update is a difference of interpolations: rounding moves a few entries either way
+    "schedule-free-adamw": optax.contrib.schedule_free_adamw(1e-3, weight_decay=0.0),
+    "muon": optax.contrib.muon(1e-3),
 }
 
 
