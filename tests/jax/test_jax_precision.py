@@ -9,7 +9,7 @@ import pytest
 from tether.adapters import jax as tj
 
 # eps=1e-4: Adam's second moment is kept in the parameter's dtype (as torch.optim.Adam does), and in
-# float16 (1 − β₂)·g² underflows for |g| below ~8e-3, where eps=1e-8 would blow the step up; that is
+# float16 (1 − β₂)·g² rounds to 0 for |g| below ~5e-3, where eps=1e-8 would blow the step up; that is
 # the base step's precision, not FTP's or SPD's.
 TRANSFORMS = {
     "adam_ftp-AdamFTP-like": lambda: tj.adam_ftp(1e-5, eps=1e-4),  # NaN at step 2 with 16-bit statistics
