@@ -7,7 +7,9 @@ travels as a value. Every check here is on static structure, shapes and dtypes,
 never on an array's value.
 """
 
+import math
 import numbers
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -15,8 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import core
+
 ABSENT = optax.MaskedNode()
 _TRACER = getattr(jax.core, "Tracer", ())
+
+
+def is_concrete(values):
+    """True when no value is a tracer: the parameters are real arrays (not inside ``jax.jit``)."""
+    return not any(isinstance(v, _TRACER) for v in values)
 
 
 def is_absent(leaf):
@@ -25,11 +34,12 @@ def is_absent(leaf):
 
 
 class Leaves(NamedTuple):
-    """The parameters flattened: their treedef, leaves, and a printable path for each leaf."""
+    """The parameters flattened: their treedef, leaves, a printable path and the jax key path of each leaf."""
 
     treedef: Any
     values: list
     paths: list
+    keypaths: list
 
 
 def flatten_params(params, where):
@@ -40,7 +50,8 @@ def flatten_params(params, where):
             "so call `update(grads, state, params)` (in a chain, pass `params` to the chain's update)"
         )
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in path_leaves]
+    keypaths = [path for path, _ in path_leaves]
+    paths = [jax.tree_util.keystr(path) or "<root>" for path in keypaths]
     values = [leaf for _, leaf in path_leaves]
     for path, leaf in zip(paths, values, strict=True):
         dtype = getattr(leaf, "dtype", None)
@@ -53,7 +64,7 @@ def flatten_params(params, where):
             )
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{where}: parameter {path} has dtype {dtype}; expected a floating-point dtype")
-    return Leaves(treedef, values, paths)
+    return Leaves(treedef, values, paths, keypaths)
 
 
 def line_up(leaves, tree, what, where):
@@ -91,20 +102,42 @@ def check_grads(leaves, grads, where):
     return out
 
 
-def check_state_leaves(leaves, values, what, where, *, shaped_like_param=True, present=None):
-    """Check per-leaf state values: presence where expected and, for tensors, the parameter's shape."""
-    for i, (path, param, value) in enumerate(zip(leaves.paths, leaves.values, values, strict=True)):
+def check_state_leaves(leaves, values, what, where, *, present=None, shapes=None, dtypes=None):
+    """Check per-leaf state values: present where expected, each with its expected shape and dtype.
+
+    ``shapes`` and ``dtypes`` default to the parameters' own; an entry of ``present`` that is
+    ``False`` expects ``optax.MaskedNode``. A wrong dtype is an error, not a cast: a 16-bit
+    radius or ``1 / n`` would silently change the numbers, and the state's dtypes must not
+    change from one step to the next (``lax.scan``, donation).
+    """
+    shapes = [p.shape for p in leaves.values] if shapes is None else shapes
+    dtypes = [p.dtype for p in leaves.values] if dtypes is None else dtypes
+    for i, (path, value) in enumerate(zip(leaves.paths, values, strict=True)):
         if present is not None and present[i] == is_absent(value):
             expected = "an array" if present[i] else "nothing (optax.MaskedNode)"
             raise ValueError(
                 f"{where}: {what} of {path} should hold {expected}, got {type(value).__name__}: "
                 "the state was made with another mask, anchor mode or parameter tree"
             )
-        if shaped_like_param and not is_absent(value) and jnp.shape(value) != param.shape:
-            raise ValueError(
-                f"{where}: {what} of {path} has shape {jnp.shape(value)}, the parameter {param.shape}: "
-                "the state does not belong to these parameters"
-            )
+        if is_absent(value):
+            continue
+        check_state_array(value, f"{what} of {path}", shapes[i], dtypes[i], where)
+
+
+def check_state_array(value, what, shape, dtype, where):
+    """One state array: ``shape`` and ``dtype`` exactly, or a ValueError that names it."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise ValueError(f"{where}: {what} is a {type(value).__name__}, not an array: the state is corrupt")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{where}: {what} has shape {tuple(value.shape)}, expected {tuple(shape)}: "
+            "the state does not belong to these parameters (or to this transformation's settings)"
+        )
+    if jnp.dtype(value.dtype) != jnp.dtype(dtype):
+        raise ValueError(
+            f"{where}: {what} has dtype {jnp.dtype(value.dtype)}, expected {jnp.dtype(dtype)}: "
+            "the state was made for parameters of another dtype, or converted since"
+        )
 
 
 def resolve_mask(mask, params, leaves, where):
@@ -139,6 +172,84 @@ def resolve_mask(mask, params, leaves, where):
     return out
 
 
+def _key_name(key):
+    """The name in one entry of a jax key path: a dict key, an attribute name, or ``None``."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return key.key
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    return None
+
+
+def default_row_axis(keypath, leaf):
+    """The default row axis: -1 for a flax kernel, 0 for everything else.
+
+    A leaf with ``ndim >= 2`` whose key path has a key named ``kernel`` (flax linen's
+    ``params["Dense_0"]["kernel"]``; flax NNX's ``State`` paths, which may end in ``.value``)
+    keeps its output units on the last axis (``(in, out)``, ``(kh, kw, in, out)``). Embeddings
+    ``(num, dim)``, biases, scalars and anything else keep PyTorch's layout: rows on axis 0.
+    """
+    if jnp.ndim(leaf) >= 2 and any(_key_name(key) == "kernel" for key in keypath):
+        return -1
+    return 0
+
+
+def _is_static_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+_ROW_AXIS_FORMS = (
+    "row_axis must be None (flax's `kernel` rule), an int, a pytree of ints with the structure of the "
+    "parameters (or a prefix of it), or a callable (key_path, leaf) -> int"
+)
+
+
+def check_row_axis(row_axis, where):
+    """At construction: ``row_axis`` has one of its static forms (its leaves are Python ints)."""
+    if row_axis is None or callable(row_axis):
+        return
+    for leaf in jax.tree.leaves(row_axis):
+        if not _is_static_int(leaf):
+            raise TypeError(
+                f"{where}: {_ROW_AXIS_FORMS}; got a leaf {leaf!r}. It is static (it shapes the state): "
+                "under optax.inject_hyperparams name it in `static_args`"
+            )
+
+
+def resolve_row_axis(row_axis, params, leaves, where):
+    """One static non-negative row axis per parameter leaf (0 for a tensor of fewer than 2 dims).
+
+    ``row_axis`` is ``None`` (`default_row_axis`), an int for every leaf, a pytree of ints
+    with the structure of the parameters or a prefix of it, or a callable ``(key_path, leaf)
+    -> int`` with the leaf's jax key path (as ``jax.tree_util.tree_map_with_path`` gives).
+    """
+    if row_axis is None:
+        axes = [default_row_axis(k, p) for k, p in zip(leaves.keypaths, leaves.values, strict=True)]
+    elif callable(row_axis):
+        axes = [row_axis(k, p) for k, p in zip(leaves.keypaths, leaves.values, strict=True)]
+    else:
+        try:
+            full = jax.tree.map(lambda axis, sub: jax.tree.map(lambda _: axis, sub), row_axis, params)
+            axes = leaves.treedef.flatten_up_to(full)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"{where}: {_ROW_AXIS_FORMS}.\n  parameters: {leaves.treedef}\n"
+                f"  row_axis:   {jax.tree.structure(row_axis)}\n  ({error})"
+            ) from None
+    out = []
+    for path, param, axis in zip(leaves.paths, leaves.values, axes, strict=True):
+        if not _is_static_int(axis):
+            raise TypeError(f"{where}: the row axis of {path} is {axis!r}; it must be a Python int")
+        try:
+            resolved = core.row_axis_of(param.ndim, operator.index(axis))
+        except ValueError:
+            raise ValueError(
+                f"{where}: row_axis {axis} of {path} is out of range for its shape {tuple(param.shape)}"
+            ) from None
+        out.append(0 if resolved is None else resolved)
+    return out
+
+
 def unflatten(leaves, values):
     """A params-shaped tree from one value per parameter leaf (``MaskedNode`` values stay as they are)."""
     return leaves.treedef.unflatten(values)
@@ -150,12 +261,14 @@ def split(leaves, trees, cls, what, where):
         line_up(leaves, tree, f"{what}.{name}", where) for name, tree in zip(cls._fields, trees, strict=True)
     ]
     rows = []
-    for values in zip(*columns, strict=True):
-        absent = [is_absent(v) for v in values]
-        if all(absent):
+    for path, values in zip(leaves.paths, zip(*columns, strict=True), strict=True):
+        absent = [name for name, v in zip(cls._fields, values, strict=True) if is_absent(v)]
+        if len(absent) == len(values):
             rows.append(ABSENT)
-        elif any(absent):
-            raise ValueError(f"{where}: {what} is partly missing for one tensor: the state is corrupt")
+        elif absent:
+            raise ValueError(
+                f"{where}: {what} of {path} is partly missing ({', '.join(absent)}): the state is corrupt"
+            )
         else:
             rows.append(cls(*values))
     return rows
@@ -175,7 +288,7 @@ def _is_number(value):
 
 
 def check_number(name, value, where, *, low=None, high=None, high_open=False):
-    """``value`` in ``[low, high]`` (``[low, high)`` with ``high_open``) when it is a Python number."""
+    """``value`` finite and in ``[low, high]`` (``[low, high)`` with ``high_open``) when it is a Python number."""
     if isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be a number, got a bool")
     if not _is_number(value):
@@ -183,9 +296,9 @@ def check_number(name, value, where, *, low=None, high=None, high_open=False):
             raise TypeError(f"{where}: {name} must be a number, got {value!r}")
         return  # an array (inject_hyperparams) or a traced value: not checked here
     ok = (low is None or value >= low) and (high is None or (value < high if high_open else value <= high))
-    if not ok or value != value:
-        bounds = f"[{low}, {high})" if high_open else f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{where}: {name} must be in {bounds}, got {value}")
+    if not ok or not math.isfinite(value):
+        upper = "∞)" if high is None else f"{high})" if high_open else f"{high}]"
+        raise ValueError(f"{where}: {name} must be a finite number in [{low}, {upper}, got {value}")
 
 
 def check_learning_rate(learning_rate, where):

@@ -23,11 +23,20 @@ Conventions shared by all five:
   `False` leaves are unanchored: they take the plain base step.
 - The state is a NamedTuple of params-shaped trees of arrays, with an int32
   `count`; absent entries (no anchor, no projection) are `optax.MaskedNode`.
-- `amsgrad`, `nesterov`, `anchor` and `mask` are static; the numeric
+- `amsgrad`, `nesterov`, `anchor`, `mask` and `row_axis` are static; the numeric
   hyperparameters may be arrays, so `optax.inject_hyperparams` works (pass a
-  callable `mask` through `static_args`).
+  callable `mask` and any `row_axis` through `static_args`).
+- FTP's per-row norms are per output unit: `row_axis` says which axis holds a
+  tensor's rows (by default the last for a flax `kernel`, axis 0 for the rest).
+- Parameters keep their dtype; FTP's and SPD's statistics (norms, `1 / n`, the
+  radius and its moments, the ratios) are computed and stored in at least float32.
+- An empty tensor (a dimension of size 0) has nothing to update: its update is
+  empty and its state unchanged.
+- Every check (parameters, gradients, state, mask, row axes) runs before any
+  computation, and names the leaf.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,12 +54,16 @@ from ._jax_tree import (
     check_learning_rate,
     check_mask,
     check_number,
+    check_row_axis,
+    check_state_array,
     check_state_leaves,
     flatten_params,
     is_absent,
+    is_concrete,
     line_up,
     merge,
     resolve_mask,
+    resolve_row_axis,
     split,
     unflatten,
 )
@@ -70,6 +83,7 @@ __all__ = [
 ]
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
+RowAxis = int | Any | Callable[[tuple, jax.Array], int] | None
 
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 
@@ -81,10 +95,12 @@ class FTPProjectionState(NamedTuple):
 
     Attributes:
         radius: The learned radius `γ` of each tensor (0-d, at least float32).
-        radius_exp_avg: `m_γ`, the first moment of the radius's own Adam (0-d).
-        radius_exp_avg_sq: `v_γ`, its second moment (0-d).
-        prev_displacement: `c` of the previous step, `θ̃ − θ₀` (shape of `θ`).
-        prev_inv_norm: `1 / n` of the previous step (MARS-shaped: `(d₀, 1, …)`).
+        radius_exp_avg: `m_γ`, the first moment of the radius's own Adam (0-d, same dtype).
+        radius_exp_avg_sq: `v_γ`, its second moment (0-d, same dtype).
+        prev_displacement: `c` of the previous step, `θ̃ − θ₀` (shape and dtype of `θ`).
+        prev_inv_norm: `1 / n` of the previous step, shaped `core.mars_shape(θ.shape, row_axis)`
+            (`(1, d_out)` for a flax `(in, d_out)` kernel, `(d₀, 1)` for an embedding),
+            at least float32.
     """
 
     radius: optax.Params
@@ -200,11 +216,37 @@ def _check_adam(where, learning_rate, b1, b2, eps, weight_decay, amsgrad):
 
 
 def _check_state(state, cls, where):
+    """`state` is a `cls` (a state of another transformation is a TypeError) with a 0-d int32 count."""
     if not isinstance(state, cls):
         raise TypeError(
             f"{where}: expected the {cls.__name__} made by this transformation's init, "
             f"got {type(state).__name__}"
         )
+    if "count" in cls._fields:
+        check_state_array(state.count, "state.count", (), jnp.int32, where)
+
+
+def _check_inner_state(inner, inner_state, params, where):
+    """`inner_state` has the tree and shapes of `inner.init(params)` (traced abstractly, no computation)."""
+    try:
+        expected = jax.eval_shape(inner.init, params)
+    except Exception:  # an init that cannot be traced abstractly: the inner's own update will complain
+        return
+    expected_tree, got_tree = jax.tree.structure(expected), jax.tree.structure(inner_state)
+    if expected_tree != got_tree:
+        raise ValueError(
+            f"{where}: state.inner_state does not have the structure of inner.init(params): it was made "
+            f"by another inner transformation, or for other parameters.\n  expected: {expected_tree}\n"
+            f"  got:      {got_tree}"
+        )
+    for (path, want), got in zip(
+        jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(inner_state), strict=True
+    ):
+        if jnp.shape(got) != want.shape:
+            raise ValueError(
+                f"{where}: state.inner_state{jax.tree_util.keystr(path)} has shape {jnp.shape(got)}, "
+                f"inner.init(params) makes {want.shape}: the state belongs to other parameters"
+            )
 
 
 def _init_anchor(leaves, anchored, mode):
@@ -223,25 +265,112 @@ def _anchors(leaves, tree, anchored, mode, where):
     return [v if s else None for v, s in zip(values, stored, strict=True)]
 
 
-def _init_projection(leaves, anchored):
+def _warn_zero_anchor(where, leaves, anchored, mode):
+    """FTP anchored at the origin warns when an anchored tensor is not zero (checked on concrete params).
+
+    The radius starts at 1e-8, so FTP's first step projects such a tensor to within ~1e-8 of
+    the origin: a zero-anchored, randomly initialised LoRA `A` is wiped.
+    """
+    if mode != "zero" or not is_concrete(leaves.values):
+        return
+    picked = [(path, p) for path, p, flag in zip(leaves.paths, leaves.values, anchored, strict=True) if flag]
+    nonzero = jax.device_get([jnp.any(p != 0) for _, p in picked])  # one host read for all
+    named = [path for (path, _), flag in zip(picked, nonzero, strict=True) if flag]
+    if not named:
+        return
+    shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    warnings.warn(
+        f"{where}: anchor='zero' but these anchored tensors are not zero: {shown}. FTP's radius starts "
+        "at 1e-8, so its first step projects each of them to within ~1e-8 of the origin (a randomly "
+        "initialised LoRA A is wiped). For LoRA adapters FTP's anchor is the adapter's own "
+        "initialisation: use anchor='init' (anchor='zero' is SPD's recipe), or leave these tensors "
+        "unanchored with `mask`.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _decayed_by(inner, params, leaves, anchored):
+    """The paths of the anchored tensors that `inner` decays (a probe on concrete parameters; else none).
+
+    Two zero-gradient steps of `inner` from `inner.init`, once at `θ` and once at `−θ`, in
+    one jitted program that returns a flag per tensor. A tensor is decayed when, at either
+    step, the part of the update that flips with `θ` pulls every nonzero entry toward the
+    origin, as `−λθ` does. Noise (the same key in both runs), clipping, momentum, a parameter
+    scale applied to a zero update, and the rounding of a difference of interpolations
+    (schedule-free), which moves a few entries either way, do not. The second step catches
+    a learning-rate warm-up from 0. float16 is probed in float32, where a small `lr · λ · θ`
+    does not round to 0.
+    """
+    if not any(anchored) or not is_concrete(leaves.values):
+        return []
+
+    def widen(p):
+        return p.astype(jnp.float32) if p.dtype == jnp.float16 else p
+
+    def decayed(params):
+        def two_steps(theta):
+            zeros = jax.tree.map(jnp.zeros_like, theta)
+            first, state = inner.update(zeros, inner.init(theta), theta)
+            second, _ = inner.update(zeros, state, theta)
+            return leaves.treedef.flatten_up_to(first), leaves.treedef.flatten_up_to(second)
+
+        theta = jax.tree.map(widen, params)
+        plus, minus = two_steps(theta), two_steps(jax.tree.map(jnp.negative, theta))
+        flags = []
+        for i, (value, flag) in enumerate(zip(leaves.treedef.flatten_up_to(theta), anchored, strict=True)):
+            if not flag:
+                continue
+            nonzero = value != 0
+            steps = []
+            for a, b in zip(plus, minus, strict=True):
+                toward_origin = jnp.sign(jnp.asarray(a[i]) - jnp.asarray(b[i])) * jnp.sign(value) < 0
+                steps.append(jnp.any(nonzero) & jnp.all(toward_origin | ~nonzero))
+            flags.append(steps[0] | steps[1])
+        return flags
+
+    try:
+        flags = jax.device_get(jax.jit(decayed)(params))
+    except Exception:  # an inner that needs extra arguments (a line search): its update will say so
+        return []
+    paths = [path for path, flag in zip(leaves.paths, anchored, strict=True) if flag]
+    return [path for path, flag in zip(paths, flags, strict=True) if flag]
+
+
+def _init_projection(leaves, anchored, axes):
     rows = [
-        core.ftp_init(p, xp=jnp) if flag else ABSENT for p, flag in zip(leaves.values, anchored, strict=True)
+        core.ftp_init(p, row_axis=axis, xp=jnp) if flag else ABSENT
+        for p, flag, axis in zip(leaves.values, anchored, axes, strict=True)
     ]
     return merge(leaves, rows, FTPProjectionState)
 
 
-def _projections(leaves, tree, anchored, where):
+def _projections(leaves, tree, anchored, axes, where):
+    """FTP's per-leaf states, each field checked: shapes from the parameter and its row axis, dtypes too."""
     if not isinstance(tree, tuple) or len(tree) != len(FTPProjectionState._fields):
         raise TypeError(f"{where}: state.projection is not an FTPProjectionState")
     rows = split(leaves, tree, core.FTPState, "state.projection", where)
-    check_state_leaves(leaves, rows, "state.projection", where, shaped_like_param=False, present=anchored)
-    check_state_leaves(
-        leaves, [r if is_absent(r) else r.prev_displacement for r in rows], "state.projection", where
-    )
+    statistics = [core.radius_dtype(p.dtype, xp=jnp) for p in leaves.values]
+    expected = {
+        "radius": ([()] * len(rows), statistics),
+        "radius_exp_avg": ([()] * len(rows), statistics),
+        "radius_exp_avg_sq": ([()] * len(rows), statistics),
+        "prev_displacement": (None, None),
+        "prev_inv_norm": (
+            [core.mars_shape(p.shape, axis) for p, axis in zip(leaves.values, axes, strict=True)],
+            statistics,
+        ),
+    }
+    for field, (shapes, dtypes) in expected.items():
+        column = [r if is_absent(r) else getattr(r, field) for r in rows]
+        check_state_leaves(
+            leaves, column, f"state.projection.{field}", where, present=anchored, shapes=shapes, dtypes=dtypes
+        )
     return rows
 
 
 def _param_shaped(leaves, tree, what, where):
+    """A state field with the parameters' shapes and dtypes, one array per leaf."""
     values = line_up(leaves, tree, what, where)
     check_state_leaves(leaves, values, what, where, present=[True] * len(values))
     return values
@@ -255,6 +384,10 @@ def _adam_moments(leaves, state, amsgrad, where):
     else:
         max_sq = [None] * len(exp_avg)
     return [core.AdamState(m, v, w) for m, v, w in zip(exp_avg, exp_avg_sq, max_sq, strict=True)]
+
+
+def _adam_in_dtype(moment, dtype):
+    return core.AdamState(*(_in_dtype(m, dtype) for m in moment))
 
 
 def _init_adam(leaves, amsgrad):
@@ -295,17 +428,28 @@ def _learning_rate(learning_rate, count):
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def _ftp_leaf(param, direction, anchor, grad, projection, step, k, anchored):
+def _in_dtype(value, dtype):
+    """`value` (an array or `None`) in `dtype`: the state keeps the dtypes init gave it.
+
+    Array hyperparameters (`optax.inject_hyperparams`) are float32 or float64 arrays, and
+    `β · m` would otherwise promote a 16-bit moment, step after step.
+    """
+    return value if value is None or value.dtype == dtype else value.astype(dtype)
+
+
+def _ftp_leaf(param, direction, anchor, grad, projection, step, k, anchored, row_axis):
     """FTP's step for one tensor as an optax update; an unanchored tensor takes `θ − d`."""
     if not anchored:
         return -direction, ABSENT
     # The new displacement waits for ∇γ (the last read of the old one); XLA's CSE merges this ∇γ
     # with the identical one in ftp_project.
     radius_grad = core.radius_gradient(
-        grad, projection.prev_displacement, projection.prev_inv_norm, k=k, xp=jnp
+        grad, projection.prev_displacement, projection.prev_inv_norm, k=k, row_axis=row_axis, xp=jnp
     )
     direction = _after(direction, radius_grad)
-    new_param, projection = core.ftp_project(param, direction, anchor, grad, projection, step, k=k, xp=jnp)
+    new_param, projection = core.ftp_project(
+        param, direction, anchor, grad, projection, step, k=k, row_axis=row_axis, xp=jnp
+    )
     return new_param - param, projection
 
 
@@ -324,13 +468,14 @@ def adam_ftp(
     k: float = 1.0,
     anchor: str = "init",
     mask: MaskOrFn = None,
+    row_axis: RowAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam (PyTorch's AdamW form) with Fast Trainable Projection.
 
     Per tensor, with `t` the step count (`ALGORITHMS.md` §3, §4):
 
         d = (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε) + lr · wd · θ
-        c = (θ − d) − θ₀             n = MARS(c) + 1e-8   (per row)
+        c = (θ − d) − θ₀             n = MARS(c) + 1e-8   (per row: per output unit)
         θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c
 
     where the radius `γ` is learned online by a small Adam of its own on
@@ -350,9 +495,18 @@ def adam_ftp(
         weight_decay: Decoupled weight decay `wd` (multiplied by the learning rate).
         amsgrad: Use `max(v)` in the denominator.
         k: In `[0, 1]`: the factor on positive radius gradients (1 is the paper's FTP).
-        anchor: `"init"` (the parameters given to `init`) or `"zero"`.
+        anchor: `"init"` (the parameters given to `init`) or `"zero"` (warns at `init`
+            when an anchored tensor is not zero: the first step would wipe it; for LoRA
+            adapters FTP's anchor is their initialisation, `"init"`).
         mask: Which tensors are anchored: a pytree of bools (or a prefix of the
             parameters' tree), or a callable of the parameters returning one.
+        row_axis: Which axis of each tensor holds its rows (its output units), for the
+            per-row MARS norm. `None`: the last axis for a tensor of 2+ dims whose key
+            path has a key named `kernel` (flax's `Dense` `(in, out)` and `Conv`
+            `(kh, kw, in, out)` kernels), axis 0 for everything else (PyTorch's layout,
+            embeddings, biases). Or an int for every tensor, a pytree of ints with the
+            structure of the parameters (or a prefix of it), or a callable
+            `(key_path, leaf) -> int`. Static.
 
     Returns:
         optax.GradientTransformationExtraArgs: its state is an `AdamFTPState`.
@@ -371,15 +525,19 @@ def adam_ftp(
     _check_adam(where, learning_rate, b1, b2, eps, weight_decay, amsgrad)
     check_number("k", k, where, low=0.0, high=1.0)
     _check_common(where, anchor, mask)
+    check_row_axis(row_axis, where)
 
     def init_fn(params):
-        leaves = flatten_params(params, f"{where}.init")
-        anchored = resolve_mask(mask, params, leaves, f"{where}.init")
+        at = f"{where}.init"
+        leaves = flatten_params(params, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        axes = resolve_row_axis(row_axis, params, leaves, at)
+        _warn_zero_anchor(at, leaves, anchored, anchor)
         return AdamFTPState(
             jnp.zeros([], jnp.int32),
             *_init_adam(leaves, amsgrad),
             anchor=_init_anchor(leaves, anchored, anchor),
-            projection=_init_projection(leaves, anchored),
+            projection=_init_projection(leaves, anchored, axes),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -389,22 +547,23 @@ def adam_ftp(
         _check_state(state, AdamFTPState, at)
         grads = check_grads(leaves, updates, at)
         anchored = resolve_mask(mask, params, leaves, at)
+        axes = resolve_row_axis(row_axis, params, leaves, at)
         moments = _adam_moments(leaves, state, amsgrad, at)
         anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
-        projections = _projections(leaves, state.projection, anchored, at)
+        projections = _projections(leaves, state.projection, anchored, axes, at)
         step = _safe_increment(state.count)
         lr = _learning_rate(learning_rate, state.count)
         new_updates, new_moments, new_projections = [], [], []
-        for param, grad, moment, theta0, projection, flag in zip(
-            leaves.values, grads, moments, anchors, projections, anchored, strict=True
+        for param, grad, moment, theta0, projection, flag, axis in zip(
+            leaves.values, grads, moments, anchors, projections, anchored, axes, strict=True
         ):
             direction, moment = core.adam_direction(
                 grad, moment, step, lr=lr, beta1=b1, beta2=b2, eps=eps, amsgrad=amsgrad,
                 weight_decay=weight_decay, param=param, xp=jnp,
             )  # fmt: skip
-            update, projection = _ftp_leaf(param, direction, theta0, grad, projection, step, k, flag)
+            update, projection = _ftp_leaf(param, direction, theta0, grad, projection, step, k, flag, axis)
             new_updates.append(update)
-            new_moments.append(moment)
+            new_moments.append(_adam_in_dtype(moment, param.dtype))
             new_projections.append(projection)
         new_state = AdamFTPState(
             step,
@@ -427,6 +586,7 @@ def sgd_ftp(
     k: float = 1.0,
     anchor: str = "init",
     mask: MaskOrFn = None,
+    row_axis: RowAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD (PyTorch's form, with momentum) with Fast Trainable Projection.
 
@@ -445,13 +605,14 @@ def sgd_ftp(
 
     Args:
         learning_rate: A float, or an optax schedule of the step count.
-        momentum: Momentum factor `μ` (0: no buffer is stored).
-        dampening: Dampening `τ` of the momentum.
+        momentum: Momentum factor `μ ≥ 0` (0: no buffer is stored).
+        dampening: Dampening `τ ∈ [0, 1]` of the momentum.
         weight_decay: L2 penalty `wd` added to the gradient (PyTorch's SGD form).
         nesterov: Nesterov momentum (needs `momentum > 0` and `dampening == 0`).
         k: In `[0, 1]`: the factor on positive radius gradients.
-        anchor: `"init"` or `"zero"`.
+        anchor: `"init"` or `"zero"` (as in `adam_ftp`).
         mask: Which tensors are anchored (as in `adam_ftp`).
+        row_axis: The axis of each tensor's rows (as in `adam_ftp`).
 
     Returns:
         optax.GradientTransformationExtraArgs: its state is an `SGDFTPState`.
@@ -459,7 +620,7 @@ def sgd_ftp(
     where = "sgd_ftp"
     check_learning_rate(learning_rate, where)
     check_number("momentum", momentum, where, low=0.0)
-    check_number("dampening", dampening, where)
+    check_number("dampening", dampening, where, low=0.0, high=1.0)
     check_number("weight_decay", weight_decay, where, low=0.0)
     check_bool("nesterov", nesterov, where)
     if nesterov and isinstance(momentum, (int, float)) and isinstance(dampening, (int, float)):
@@ -467,17 +628,21 @@ def sgd_ftp(
             raise ValueError(f"{where}: nesterov momentum needs momentum > 0 and dampening == 0")
     check_number("k", k, where, low=0.0, high=1.0)
     _check_common(where, anchor, mask)
+    check_row_axis(row_axis, where)
     buffered = _has(momentum)
 
     def init_fn(params):
-        leaves = flatten_params(params, f"{where}.init")
-        anchored = resolve_mask(mask, params, leaves, f"{where}.init")
+        at = f"{where}.init"
+        leaves = flatten_params(params, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        axes = resolve_row_axis(row_axis, params, leaves, at)
+        _warn_zero_anchor(at, leaves, anchored, anchor)
         buffers = unflatten(leaves, [core.sgd_init(p, xp=jnp).momentum_buffer for p in leaves.values])
         return SGDFTPState(
             jnp.zeros([], jnp.int32),
             buffers if buffered else ABSENT,
             _init_anchor(leaves, anchored, anchor),
-            _init_projection(leaves, anchored),
+            _init_projection(leaves, anchored, axes),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -487,25 +652,26 @@ def sgd_ftp(
         _check_state(state, SGDFTPState, at)
         grads = check_grads(leaves, updates, at)
         anchored = resolve_mask(mask, params, leaves, at)
+        axes = resolve_row_axis(row_axis, params, leaves, at)
         if buffered:
             buffers = _param_shaped(leaves, state.momentum_buffer, "state.momentum_buffer", at)
         else:
             buffers = [None] * len(leaves.values)
         anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
-        projections = _projections(leaves, state.projection, anchored, at)
+        projections = _projections(leaves, state.projection, anchored, axes, at)
         step = _safe_increment(state.count)
         lr = _learning_rate(learning_rate, state.count)
         new_updates, new_buffers, new_projections = [], [], []
-        for param, grad, buffer, theta0, projection, flag in zip(
-            leaves.values, grads, buffers, anchors, projections, anchored, strict=True
+        for param, grad, buffer, theta0, projection, flag, axis in zip(
+            leaves.values, grads, buffers, anchors, projections, anchored, axes, strict=True
         ):
             direction, sgd_state = core.sgd_direction(
                 grad, param, core.SGDState(buffer), step, lr=lr, momentum=momentum, dampening=dampening,
                 weight_decay=weight_decay, nesterov=nesterov, xp=jnp,
             )  # fmt: skip
-            update, projection = _ftp_leaf(param, direction, theta0, grad, projection, step, k, flag)
+            update, projection = _ftp_leaf(param, direction, theta0, grad, projection, step, k, flag, axis)
             new_updates.append(update)
-            new_buffers.append(sgd_state.momentum_buffer)
+            new_buffers.append(_in_dtype(sgd_state.momentum_buffer, param.dtype))
             new_projections.append(projection)
         new_state = SGDFTPState(
             step,
@@ -598,7 +764,7 @@ def adam_spd(
                 previous = new_param
             else:
                 new_updates.append(-direction)
-            new_moments.append(moment)
+            new_moments.append(_adam_in_dtype(moment, param.dtype))
         new_state = AdamSPDState(step, *_merge_adam(leaves, new_moments, amsgrad), anchor=state.anchor)
         return unflatten(leaves, new_updates), new_state
 
@@ -615,6 +781,7 @@ def ftp(
     k: float = 1.0,
     anchor: str = "init",
     mask: MaskOrFn = None,
+    row_axis: RowAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Fast Trainable Projection around any optax transformation.
 
@@ -622,7 +789,7 @@ def ftp(
     displacement from the anchor onto a learned per-row MARS ball
     (`ALGORITHMS.md` §4, §6):
 
-        c = θ̃ − θ₀     n = MARS(c) + 1e-8   (per row)     θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c
+        c = θ̃ − θ₀     n = MARS(c) + 1e-8   (per row: per output unit)     θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c
 
     with `γ` learned as in `adam_ftp` from the incoming gradients `g` (what
     reaches this transformation: after clipping, if it follows
@@ -637,8 +804,9 @@ def ftp(
         inner: The base optimizer, e.g. `optax.sgd(1e-2, momentum=0.9)` or an
             `optax.chain` (which must include the learning rate).
         k: In `[0, 1]`: the factor on positive radius gradients.
-        anchor: `"init"` or `"zero"`.
+        anchor: `"init"` or `"zero"` (as in `adam_ftp`).
         mask: Which tensors are anchored (as in `adam_ftp`).
+        row_axis: The axis of each tensor's rows (as in `adam_ftp`).
 
     Returns:
         optax.GradientTransformationExtraArgs: its state is an `FTPWrapperState`;
@@ -648,16 +816,20 @@ def ftp(
     check_inner(inner, where)
     check_number("k", k, where, low=0.0, high=1.0)
     _check_common(where, anchor, mask)
+    check_row_axis(row_axis, where)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        leaves = flatten_params(params, f"{where}.init")
-        anchored = resolve_mask(mask, params, leaves, f"{where}.init")
+        at = f"{where}.init"
+        leaves = flatten_params(params, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        axes = resolve_row_axis(row_axis, params, leaves, at)
+        _warn_zero_anchor(at, leaves, anchored, anchor)
         return FTPWrapperState(
             jnp.zeros([], jnp.int32),
             inner.init(params),
             _init_anchor(leaves, anchored, anchor),
-            _init_projection(leaves, anchored),
+            _init_projection(leaves, anchored, axes),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -666,17 +838,21 @@ def ftp(
         _check_state(state, FTPWrapperState, at)
         grads = check_grads(leaves, updates, at)
         anchored = resolve_mask(mask, params, leaves, at)
+        axes = resolve_row_axis(row_axis, params, leaves, at)
         anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
-        projections = _projections(leaves, state.projection, anchored, at)
+        projections = _projections(leaves, state.projection, anchored, axes, at)
+        _check_inner_state(inner, state.inner_state, params, at)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         proposals = line_up(leaves, inner_updates, "the inner transformation's updates", at)
         step = _safe_increment(state.count)
         new_updates, new_projections = [], []
-        for param, grad, proposal, theta0, projection, flag in zip(
-            leaves.values, grads, proposals, anchors, projections, anchored, strict=True
+        for param, grad, proposal, theta0, projection, flag, axis in zip(
+            leaves.values, grads, proposals, anchors, projections, anchored, axes, strict=True
         ):
             if flag:
-                update, projection = _ftp_leaf(param, -proposal, theta0, grad, projection, step, k, True)
+                update, projection = _ftp_leaf(
+                    param, -proposal, theta0, grad, projection, step, k, True, axis
+                )
             else:
                 update, projection = proposal, ABSENT
             new_updates.append(update)
@@ -706,15 +882,24 @@ def spd(
         θ ← θ̃ − λ · r · (θ̃ − θ₀)   if −⟨g, θ − θ₀⟩ < 0,   else θ̃
         r = clip((‖θ̃ − θ₀‖₂ − ‖θ − θ₀‖₂) / ‖θ̃ − θ₀‖₂, 0, 1)
 
-    `inner` must not decay weights itself (use `optax.adam`, not
-    `optax.adamw`). Unanchored tensors take `u` unchanged.
-    `spd(optax.adam(lr), weight_decay=λ)` equals `adam_spd` up to rounding.
+    SPD replaces weight decay, so `inner` must not decay the anchored tensors
+    itself (its decay would pull them toward the origin, against SPD's pull toward
+    the anchor): use `optax.adam`, not `optax.adamw`. `init` checks this on concrete
+    parameters (not under `jax.jit`): it takes two zero-gradient steps of `inner`
+    from `inner.init`, with `θ` and with `−θ`, and raises `ValueError` if, for an
+    anchored tensor, the part of the update that flips with `θ` pulls every nonzero
+    entry toward the origin (a decay `−λθ` does; noise, clipping, momentum and
+    schedules do not). A base whose learning rate is 0 for its first two steps is
+    not caught. Unanchored tensors take `u` unchanged (a base that
+    decays only them is fine). `spd(optax.adam(lr), weight_decay=λ)` equals
+    `adam_spd` up to rounding.
 
     Reference: J. Tian, C. Huang, Z. Kira, "Rethinking Weight Decay for Robust
     Fine-Tuning of Foundation Models", NeurIPS 2024.
 
     Args:
-        inner: The base optimizer (which must include the learning rate).
+        inner: The base optimizer (which must include the learning rate and must not
+            decay the anchored tensors).
         weight_decay: SPD's strength `λ` (not scaled by the learning rate).
         anchor: `"init"` or `"zero"`.
         mask: Which tensors are anchored (as in `adam_ftp`).
@@ -730,8 +915,18 @@ def spd(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        leaves = flatten_params(params, f"{where}.init")
-        anchored = resolve_mask(mask, params, leaves, f"{where}.init")
+        at = f"{where}.init"
+        leaves = flatten_params(params, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        decayed = _decayed_by(inner, params, leaves, anchored)
+        if decayed:
+            shown = ", ".join(decayed[:5]) + (f" and {len(decayed) - 5} more" if len(decayed) > 5 else "")
+            raise ValueError(
+                f"{at}: the inner transformation decays weights (with a zero gradient it moves {shown} "
+                "toward the origin). SPD replaces weight decay: it decays toward the anchor, selectively, "
+                "so the base must not decay the anchored tensors itself. Use optax.adam, not optax.adamw "
+                "(or mask the base's add_decayed_weights to the unanchored tensors)."
+            )
         return SPDWrapperState(inner.init(params), _init_anchor(leaves, anchored, anchor))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -741,6 +936,7 @@ def spd(
         grads = check_grads(leaves, updates, at)
         anchored = resolve_mask(mask, params, leaves, at)
         anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
+        _check_inner_state(inner, state.inner_state, params, at)
         statistics, previous = [], None
         for param, theta0, grad, flag in zip(leaves.values, anchors, grads, anchored, strict=True):
             if flag:

@@ -8,6 +8,10 @@ import optax
 
 from tether.adapters import jax as tj
 
+#: For runs that anchor random tensors at the origin on purpose (the reference's "zero" mode):
+#: FTP warns there, since on a real model that wipes them.
+ZERO_ANCHOR_WARNING = "ignore:.*anchor='zero' but these anchored tensors are not zero:UserWarning"
+
 
 def make(kind, *, anchor="init", mask=None, **hp):
     """The optax transformation ``kind`` from the reference's hyperparameter names."""

@@ -205,7 +205,7 @@ def test_parameter_dtype_is_kept_and_radius_is_at_least_float32(factory, dtype):
 
 
 def test_zero_momentum_stores_no_buffer_and_zero_anchor_stores_no_anchor():
-    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((4,))}
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros((4,))}
     state = tj.sgd_ftp(1e-2, anchor="zero").init(params)
     assert jax.tree.leaves(state.momentum_buffer) == []
     assert jax.tree.leaves(state.anchor) == []

@@ -3,11 +3,12 @@
 import numpy as np
 import optax
 import pytest
-from jax_closed_loop import assert_trajectories_close, make, reference_anchors, run
+from jax_closed_loop import ZERO_ANCHOR_WARNING, assert_trajectories_close, make, reference_anchors, run
 
 from tether.adapters import jax as tj
 from tether.core.reference import closed_loop_problem, run_reference
 
+pytestmark = pytest.mark.filterwarnings(ZERO_ANCHOR_WARNING)
 STEPS = 30
 
 # (kind, anchor mode, unanchored names, hyperparameters in the reference's names)

@@ -11,15 +11,19 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax_closed_loop import ZERO_ANCHOR_WARNING
 
 from tether.adapters import jax as tj
 from tether.core.reference import closed_loop_problem
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 4,
-    reason=f"needs 4 devices, {jax.device_count()} visible: set "
-    "XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax starts (nox -s tests-jax does)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        jax.device_count() < 4,
+        reason=f"needs 4 devices, {jax.device_count()} visible: set "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=4 before jax starts (nox -s tests-jax does)",
+    ),
+    pytest.mark.filterwarnings(ZERO_ANCHOR_WARNING),
+]
 
 SHAPES = {
     "fc.weight": (8, 12),

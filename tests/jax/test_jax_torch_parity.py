@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax_closed_loop import assert_trajectories_close, make, run
+from jax_closed_loop import ZERO_ANCHOR_WARNING, assert_trajectories_close, make, run
 
 from tether.adapters import jax as tj
 from tether.core.reference import ReferenceOptimizer, closed_loop_problem
@@ -17,6 +17,7 @@ try:
 except Exception as error:  # the PyTorch adapter is written alongside this one
     pytest.skip(f"tether.adapters.torch cannot be imported yet: {error!r}", allow_module_level=True)
 
+pytestmark = pytest.mark.filterwarnings(ZERO_ANCHOR_WARNING)
 STEPS = 20
 
 # (kind, anchor mode, unanchored names, hyperparameters in PyTorch's names)
