@@ -11,6 +11,13 @@ on the Keras variables' tensors. Every other variable (bfloat16 and float16 ones
 generic path steps in float32; values under a ``keras.StatelessScope``) takes the generic
 ``update_step``, whose math is `tether.core` through ``keras.ops``.
 
+The kernels take a variable's rows (output units) on axis 0, as PyTorch lays them out. An
+FTP variable whose row axis is another (a Keras kernel, ``(in, out)``: axis 1) is handed to
+them as views with that axis moved to the front (``movedim``): the variable, its gradient,
+its moments, its anchor and its FTP state. In-place ops on a view write through to the
+variable. Such views are not contiguous, so their bucket (kept apart from the others) takes
+the kernels' plain PyTorch ops, not the C kernels or the CPU's block-wise single pass.
+
 Nothing here reads a device value on the host: the learning rate stays a tensor.
 """
 
@@ -41,21 +48,44 @@ def _in_place(gradient, variable):
     )
 
 
+def _row_axis(optimizer, index):
+    """The axis of the variable's rows that the kernels must see first: 0 unless FTP projects it on another."""
+    if not optimizer._uses_rows or optimizer._modes[index] is None:
+        return 0
+    return optimizer._row_axes[index]
+
+
+def _rows_first(optimizer, index, tensor):
+    """``tensor`` (the variable's or one of its state's) with the variable's row axis first: a view."""
+    axis = _row_axis(optimizer, index)
+    if tensor is None or axis == 0:
+        return tensor
+    return tensor.movedim(axis, 0)
+
+
+@torch.compiler.disable
 def update(optimizer, grads, variables, learning_rate):
-    """One step of every variable: the in-place multi-tensor path where it applies, else ``update_step``."""
+    """One step of every variable: the in-place multi-tensor path where it applies, else ``update_step``.
+
+    Eager under ``torch.compile`` (``jit_compile=True``): TorchDynamo would compile some of
+    the kernels' frames and not others, and inductor fails on the in-place writes through
+    the views that move a variable's rows first.
+    """
     buckets = defaultdict(lambda: ([], [], []))
     for gradient, variable in zip(grads, variables, strict=True):
         if not _in_place(gradient, variable):
             optimizer.update_step(gradient, variable, learning_rate)
             continue
         index = optimizer._get_variable_index(variable)
+        moved = _row_axis(optimizer, index) != 0
         param = variable.value
-        indices, params, bucket_grads = buckets[(optimizer._modes[index], param.dtype, param.device)]
+        # views with moved rows are not contiguous: a bucket of their own keeps the others' C kernels
+        indices, params, bucket_grads = buckets[(optimizer._modes[index], param.dtype, param.device, moved)]
         indices.append(index)
-        params.append(param)
-        bucket_grads.append(gradient)
+        params.append(_rows_first(optimizer, index, param))
+        bucket_grads.append(_rows_first(optimizer, index, gradient))
     lr = ops.convert_to_tensor(learning_rate)
-    for (mode, dtype, device), (indices, params, bucket_grads) in buckets.items():
+    for (mode, dtype, device, _), (indices, params, bucket_grads) in buckets.items():
         steps = [optimizer._steps[i].value for i in indices]
         torch._foreach_add_(steps, 1)
         t = _torch_ops.steps_vector(steps, dtype)
@@ -82,7 +112,7 @@ def sgd_ftp(optimizer, mode, indices, params, grads, t, lr):
     _torch_ops.sgd_ftp_step_(
         params,
         grads,
-        [None if slot is None else slot.value for slot in slots],
+        [None if slot is None else _rows_first(optimizer, i, slot.value) for i, slot in zip(indices, slots)],
         _anchors(optimizer, mode, indices),
         _ftp_states(optimizer, mode, indices),
         t,
@@ -140,16 +170,16 @@ def _anchors(optimizer, mode, indices):
         return None
     if mode == "zero":
         return [None] * len(indices)
-    return [optimizer._anchors[i].value for i in indices]
+    return [_rows_first(optimizer, i, optimizer._anchors[i].value) for i in indices]
 
 
 def _adam_moments(optimizer, indices):
     """``(exp_avgs, exp_avg_sqs, max_exp_avg_sqs)``: the Adam slots' tensors."""
     hats = [optimizer._velocity_hats[i] for i in indices]
     return (
-        [optimizer._momentums[i].value for i in indices],
-        [optimizer._velocities[i].value for i in indices],
-        [None if hat is None else hat.value for hat in hats],
+        [_rows_first(optimizer, i, optimizer._momentums[i].value) for i in indices],
+        [_rows_first(optimizer, i, optimizer._velocities[i].value) for i in indices],
+        [None if hat is None else _rows_first(optimizer, i, hat.value) for i, hat in zip(indices, hats)],
     )
 
 
@@ -157,7 +187,11 @@ def _ftp_states(optimizer, mode, indices):
     """FTP's slots as the kernels' per-tensor state dicts (``radius``, …, ``prev_inv_norm``)."""
     if mode is None:
         return None
+    # the 0-d radius and its moments have no axes; c_prev and s_prev have the variable's
     return [
-        {name: slot.value for name, slot in zip(FTPState._fields, optimizer._ftp[i], strict=True)}
+        {
+            name: _rows_first(optimizer, i, slot.value) if slot.value.ndim else slot.value
+            for name, slot in zip(FTPState._fields, optimizer._ftp[i], strict=True)
+        }
         for i in indices
     ]

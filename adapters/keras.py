@@ -14,10 +14,17 @@ The anchor $\theta_0$ of each variable is captured when the optimizer is
 built, which ``fit`` does on its first call: load the pre-trained weights before
 that. `exclude_from_anchor` leaves variables (a new head)
 unanchored: they take the plain base step.
+
+FTP's MARS norm is per output unit (ALGORITHMS.md §1): Keras keeps a ``Dense`` or
+``Conv`` kernel's outputs on its last axis, so `AdamFTP` and `SGDFTP` take each
+variable's ``row_axis`` (by default -1 for kernels, 0 for everything else) and the
+same model gives the same numbers as in PyTorch.
 """
 
 import contextlib
+import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +40,7 @@ if keras.backend.backend() == "torch":
 else:
     _keras_torch = None
 
-__all__ = ["AdamFTP", "AdamSPD", "SGDFTP"]
+__all__ = ["KERNEL_NAMES", "AdamFTP", "AdamSPD", "SGDFTP", "default_row_axis"]
 
 ANCHOR_MODES = ("init", "zero")
 
@@ -93,21 +100,61 @@ def _check(name, value, low, high, *, high_open=False):
     return float(value)
 
 
-def _mars_shape(shape):
-    """The shape of the MARS norm of a tensor of ``shape`` (ALGORITHMS.md §1)."""
-    if len(shape) == 0:
-        return ()
-    if len(shape) == 1:
-        return (1,)
-    return (shape[0],) + (1,) * (len(shape) - 1)
+def _check_learning_rate(learning_rate):
+    """A number must be finite and ``>= 0``; a schedule, a callable or a tensor is the base class's."""
+    if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
+        _check("learning_rate", learning_rate, 0.0, math.inf, high_open=True)
+
+
+def _check_row_axis(row_axis):
+    """``None`` (the default rule), an int, or a callable ``variable -> int``."""
+    if row_axis is None or callable(row_axis):
+        return row_axis
+    if isinstance(row_axis, bool) or not isinstance(row_axis, numbers.Integral):
+        raise ValueError(f"`row_axis` must be None, an int or a callable `variable -> int`, got {row_axis!r}")
+    return int(row_axis)
+
+
+def _path(variable):
+    """A variable's path (``"model/dense/kernel"``), or its name when it has none."""
+    return getattr(variable, "path", None) or str(variable.name)
+
+
+#: Names of the variables whose outputs are on the last axis: a ``Dense``/``Conv``/``EinsumDense``
+#: kernel, and the LoRA factors ``enable_lora`` adds to them (``(in, rank)`` and ``(rank, out)``).
+KERNEL_NAMES = ("kernel", "lora_kernel_a", "lora_kernel_b")
+
+
+def default_row_axis(variable) -> int:
+    """The row axis of ``variable`` when ``row_axis=None``: -1 for a kernel of 2 axes or more, else 0.
+
+    A row is an output unit (ALGORITHMS.md §1). Keras keeps a ``Dense`` kernel as
+    ``(in, out)`` and a ``Conv2D`` kernel as ``(kh, kw, in, out)``: their outputs are on the
+    last axis. A variable whose name (or its path's last component) is one of
+    `KERNEL_NAMES` takes axis -1; embeddings ``(num, dim)``, biases and everything else
+    axis 0, as in PyTorch's layout.
+    """
+    names = {str(variable.name).split(":")[0], _path(variable).rsplit("/", 1)[-1]}
+    return -1 if len(variable.shape) >= 2 and names & set(KERNEL_NAMES) else 0
+
+
+def _is_real_floating(dtype):
+    dtype = keras.backend.standardize_dtype(dtype)
+    return dtype.startswith("float") or dtype == "bfloat16"
+
+
+def _is_empty(variable):
+    return any(d == 0 for d in variable.shape)
 
 
 def _outside_trace():
     """``tf.init_scope()`` on TensorFlow, else nothing.
 
-    Keras's TensorFlow trainer builds the optimizer inside the traced train step;
-    an initializer that reads a model variable there cannot be lifted out of the
-    graph, which ``jit_compile=True`` requires. Read it eagerly instead.
+    Keras's TensorFlow trainer builds the optimizer inside the traced train step. A
+    variable created there whose initial value reads a model variable cannot be
+    lifted out of the graph (the value is captured as a graph input once it has more
+    than 128 entries), and ``jit_compile=True`` requires the lift. Created in the
+    init scope, it is an ordinary eager variable, initialised at once.
     """
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -120,10 +167,35 @@ def _copy_initializer(variable):
     """An initializer whose value is a copy of ``variable`` now (its own buffer, never an alias)."""
 
     def initializer(shape, dtype=None):
-        with _outside_trace():
-            return ops.copy(ops.cast(ops.convert_to_tensor(variable), dtype))
+        return ops.copy(ops.cast(ops.convert_to_tensor(variable), dtype))
 
     return initializer
+
+
+def _is_nonzero(variable):
+    """Whether any entry of ``variable`` is nonzero now (one host read of a bool; eager on TensorFlow)."""
+    if _is_empty(variable):
+        return False
+    with _outside_trace():
+        return bool(ops.any(ops.not_equal(variable.value, 0)))
+
+
+def _same_path(saved, path):
+    """Whether a variable's ``path`` is the ``saved`` one, up to the model's name scope.
+
+    Keras puts a model's name in front of its variables' paths when it builds the model
+    (``net/head/kernel``), not when ``load_model`` rebuilds it (``head/kernel``): a path
+    matches a saved one that ends with it, if it has a layer and a variable name at least.
+    """
+    if saved == path:
+        return True
+    shorter, longer = sorted((saved, path), key=len)
+    return "/" in shorter and longer.endswith("/" + shorter)
+
+
+def _listing(paths, limit=8):
+    shown = ", ".join(f"`{p}`" for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def _after(value, previous):
@@ -146,10 +218,15 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
 
     Subclasses make their method's slots in `_build_slots`, return the base
     direction ``d`` (``θ̃ = θ − d``) from `_direction` and apply their constraint
-    to anchored variables in `_constrain`.
+    to anchored variables in `_constrain`. The FTP optimizers set `_uses_rows`: their
+    MARS norm needs each variable's row axis.
     """
 
+    #: whether the method's norm is per row (FTP's MARS), so that each variable has a row axis
+    _uses_rows = False
+
     def __init__(self, learning_rate, *, weight_decay, anchor, **kwargs):
+        _check_learning_rate(learning_rate)
         # The base class's own decoupled decay must never act: `weight_decay` is the
         # method's (see each class), applied inside `update_step`.
         super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
@@ -157,42 +234,63 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
             raise ValueError(f"`anchor` must be one of {ANCHOR_MODES}, got {anchor!r}")
         # None is Keras's "no decay"
         self.weight_decay = _check(
-            "weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0, float("inf")
+            "weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0, math.inf, high_open=True
         )
         self.anchor = anchor
+        self.row_axis = None  # the FTP optimizers' (see `_FTP`)
         self._anchor_excluded_keys = set()
+        # paths of the variables given by object, for the config (matching is by `_var_key`)
+        self._anchor_excluded_var_paths = ()
         self._anchor_excluded_names = ()
-        # positions in the built variable list, from a saved config (see `get_config`)
+        # from a saved config (see `get_config`): positions in the built variable list, and
+        # the paths of variables excluded by object before the optimizer was built
         self._anchor_excluded_indices = set()
+        self._anchor_excluded_paths = set()
+        # each variable's row axis from a saved config, by position (see `get_config`)
+        self._saved_row_axes = None
         # during a step on JAX: the scalar the next anchored variable waits for (see `_after`)
         self._link = None
+        # what an optimizer saved before it was built holds (the iteration count, the rate)
+        self._unbuilt_variable_count = len(self.variables)
 
     def _apply_weight_decay(self, variables):
         """A no-op: each method applies its own ``weight_decay`` (the base's would decay twice)."""
 
-    def exclude_from_anchor(self, var_list: list | None = None, var_names: list[str] | None = None) -> None:
+    def exclude_from_anchor(
+        self, var_list: list | None = None, var_names: str | list[str] | None = None
+    ) -> None:
         """Leave variables unanchored: no projection or selective decay, just the base step.
 
         Call it before the optimizer is built (before the first ``fit``), as with
         ``exclude_from_weight_decay``. Each call replaces the previous exclusions.
-        Once the optimizer is built, its config records which variables are
-        unanchored (by their position in the variable list, as Keras saves the
-        optimizer's variables), so a model reloaded with ``keras.saving.load_model``
-        keeps them.
+        The config records them (the variables of ``var_list`` by their paths until the
+        optimizer is built, then every excluded variable by its position in the variable
+        list, as Keras saves the optimizer's variables), so a model saved with
+        ``model.save`` and reloaded with ``keras.saving.load_model`` keeps them, before or
+        after the first ``fit``.
 
         Args:
-            var_list: variables to exclude, for example ``model.get_layer("head").weights``.
-            var_names: strings; a variable whose name or path contains any of them is
-                excluded (``["head"]`` matches every weight of a layer named ``head``).
+            var_list: variables to exclude, for example ``model.get_layer("head").weights``
+                (or one variable).
+            var_names: a string or a list of strings; a variable whose name or path
+                contains any of them is excluded (``"head"`` matches every weight of a
+                layer named ``head``).
         """
         if self.built:
             raise ValueError(
                 "`exclude_from_anchor()` must be called before the optimizer is built "
                 "(before the first `fit` or `apply_gradients`): the anchors are made in `build()`."
             )
-        self._anchor_excluded_keys = {self._var_key(v) for v in (var_list or ())}
+        if var_list is not None and hasattr(var_list, "shape"):  # one variable, not a list of them
+            var_list = [var_list]
+        if isinstance(var_names, str):  # one name, not its characters
+            var_names = [var_names]
+        var_list = list(var_list or ())
+        self._anchor_excluded_keys = {self._var_key(v) for v in var_list}
+        self._anchor_excluded_var_paths = tuple(_path(v) for v in var_list)
         self._anchor_excluded_names = tuple(str(n) for n in (var_names or ()))
         self._anchor_excluded_indices = set()
+        self._anchor_excluded_paths = set()
 
     def anchor_mode(self, variable) -> str | None:
         """``"init"``, ``"zero"`` or ``None`` (unanchored) for a model variable."""
@@ -201,10 +299,11 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
         return None if self._excluded(variable) else self.anchor
 
     def _excluded(self, variable, index=None):
-        path = getattr(variable, "path", None) or variable.name
+        path = _path(variable)
         return (
             index in self._anchor_excluded_indices
             or self._var_key(variable) in self._anchor_excluded_keys
+            or any(_same_path(saved, path) for saved in self._anchor_excluded_paths)
             or any(n in variable.name or n in path for n in self._anchor_excluded_names)
         )
 
@@ -220,11 +319,28 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
             name=f"{prefix.replace('/', '_')}_{name}",
         )
 
+    def _check_variables(self, var_list):
+        """A ``TypeError`` naming the first variable that is not real floating-point (complex, int, bool)."""
+        for variable in var_list:
+            if not _is_real_floating(variable.dtype):
+                raise TypeError(
+                    f"{type(self).__name__} updates real floating-point variables; "
+                    f"`{_path(variable)}` is {keras.backend.standardize_dtype(variable.dtype)}"
+                )
+
     def build(self, var_list):
-        """Make the state of every variable: its step count, its anchor, and the method's slots."""
+        """Make the state of every variable: its step count, its anchor, and the method's slots.
+
+        Everything that can be wrong with ``var_list`` (a complex or integer variable, a
+        ``row_axis`` out of range) raises before any state is made.
+        """
         if self.built:
             return
+        var_list = list(var_list)
+        self._check_variables(var_list)
+        row_axes = self._resolve_row_axes(var_list, self._saved_row_axes) if self._uses_rows else None
         super().build(var_list)
+        self._row_axes = row_axes
         self._modes, self._steps, self._anchors = [], [], []
         for index, variable in enumerate(var_list):
             used = not self._overwrite_variable_with_gradient(variable)
@@ -236,32 +352,28 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
             self._steps.append(self._slot(variable, "step", shape=(), dtype="int") if used else None)
             anchor = None
             if mode == "init":
-                anchor = self._slot(variable, "anchor", initializer=_copy_initializer(variable))
+                # made outside the traced train step (TensorFlow), so jit_compile can lift it
+                with _outside_trace():
+                    anchor = self._slot(variable, "anchor", initializer=_copy_initializer(variable))
             self._anchors.append(anchor)
         self._build_slots(var_list)
 
     def _build_slots(self, var_list):
         raise NotImplementedError
 
-    def _build_ftp_slots(self, var_list):
-        """FTP's radius (γ, m_γ, v_γ: 0-d, at least float32), c_prev and s_prev per anchored variable."""
-        self._ftp = []
-        for variable, mode in zip(var_list, self._modes):
-            if mode is None:
-                self._ftp.append(None)
-                continue
-            scalar = core.radius_dtype(variable.dtype, xp=_xp)
-            self._ftp.append(
-                core.FTPState(
-                    radius=self._slot(variable, "radius", shape=(), dtype=scalar),
-                    radius_exp_avg=self._slot(variable, "radius_exp_avg", shape=(), dtype=scalar),
-                    radius_exp_avg_sq=self._slot(variable, "radius_exp_avg_sq", shape=(), dtype=scalar),
-                    prev_displacement=self._slot(variable, "prev_displacement"),
-                    prev_inv_norm=self._slot(variable, "prev_inv_norm", shape=_mars_shape(variable.shape)),
-                )
-            )
-
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # an empty variable has nothing to update (and no step to count)
+        pairs = [(g, v) for g, v in zip(grads, trainable_variables) if not _is_empty(v)]
+        # checked for every variable before the first is updated: nothing is half-done
+        for gradient, variable in pairs:
+            if not _is_real_floating(gradient.dtype):
+                raise TypeError(
+                    f"{type(self).__name__}: the gradient of `{_path(variable)}` is "
+                    f"{keras.backend.standardize_dtype(gradient.dtype)}, not real floating-point"
+                )
+        if not pairs:
+            return
+        grads, trainable_variables = (list(x) for x in zip(*pairs))
         with _no_grad():
             if _keras_torch is not None:
                 # in place, multi-tensor, as Keras's own torch optimizers do
@@ -305,46 +417,174 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
         """The new value of an anchored variable, and a scalar computed last (for `_after`)."""
         raise NotImplementedError
 
-    def _ftp_constrain(self, index, param, direction, anchor, grad, step):
-        slots = self._ftp[index]
-        state = core.FTPState(*(_read(s, grad.dtype) for s in slots))
-        if keras.backend.backend() == "jax":
-            # the new displacement waits for ∇γ, the last read of the old one, so that XLA
-            # writes it into the donated buffer instead of copying both (CSE merges the two ∇γ)
-            radius_grad = core.radius_gradient(
-                grad, state.prev_displacement, state.prev_inv_norm, k=self.k, xp=_xp
-            )
-            direction = _after(direction, radius_grad)
-        new_param, new_state = core.ftp_project(param, direction, anchor, grad, state, step, k=self.k, xp=_xp)
-        for slot, value in zip(slots, new_state):
-            self.assign(slot, value)
-        return new_param, new_state.radius
-
     def get_config(self):
         config = super().get_config()
         config["anchor"] = self.anchor
-        # Variables themselves cannot go in a config; once built, their positions can
-        # (`load_model` rebuilds on the same variable list, as the optimizer's own
+        # Variables themselves cannot go in a config. Before the optimizer is built, those
+        # given by object are recorded by path; once it is built, every excluded one by its
+        # position (`load_model` rebuilds on the same variable list, as the optimizer's own
         # variables are saved by position too).
         indices = sorted(self._anchor_excluded_indices)
+        paths = sorted(set(self._anchor_excluded_var_paths) | self._anchor_excluded_paths)
         if self.built:
             indices = [i for i, mode in enumerate(self._modes) if mode is None]
-        if indices or self._anchor_excluded_names:
+            paths = []
+        if indices or paths or self._anchor_excluded_names:
             config["anchor_exclusions"] = {
                 "var_names": list(self._anchor_excluded_names),
+                "var_paths": paths,
                 "var_indices": indices,
             }
         return config
+
+    def load_own_variables(self, store):
+        """Load the optimizer's state from a ``.keras`` file (``keras.saving.load_model``).
+
+        ``load_model`` builds the optimizer when it compiles the model, before the weights
+        are loaded. When the file's optimizer had not been built yet (the model was saved
+        before its first ``fit``), its anchors are taken again now, from the weights just
+        loaded (Keras loads a model's layers before its optimizer): the anchors a ``fit``
+        would have taken from them.
+        """
+        count = self._unbuilt_variable_count
+        if not (self.built and len(store.keys()) == count < len(self.variables)):
+            super().load_own_variables(store)
+            return
+        for i, variable in enumerate(self.variables[:count]):
+            variable.assign(store[str(i)])
+        for anchor, variable in zip(self._anchors, self._trainable_variables):
+            if anchor is not None:
+                # a copy: on JAX a shared buffer would be donated twice by the train step
+                anchor.assign(_copy_initializer(variable)(anchor.shape, anchor.dtype))
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         exclusions = config.pop("anchor_exclusions", None)
+        row_axes = config.pop("row_axes", None)
         optimizer = super().from_config(config, custom_objects=custom_objects)
         if exclusions:
             optimizer._anchor_excluded_names = tuple(exclusions.get("var_names", ()))
+            optimizer._anchor_excluded_paths = set(exclusions.get("var_paths", ()))
             optimizer._anchor_excluded_indices = set(exclusions.get("var_indices", ()))
+        if row_axes is not None:
+            optimizer._saved_row_axes = [int(a) for a in row_axes]
         return optimizer
+
+
+class _FTP:
+    """FTP's part of `AdamFTP` and `SGDFTP` (a mixin before their base): its slots, its
+    projection, the row axis of its MARS norm, and the warning about zero anchors.
+    """
+
+    _uses_rows = True
+
+    def _resolve_row_axes(self, var_list, saved=None):
+        """Each variable's row axis, non-negative (0 below 2 axes): ``saved`` by position, else the rule."""
+        if saved is not None and len(saved) != len(var_list):
+            saved = None  # another variable list than the one the config was saved with
+        axes = []
+        for index, variable in enumerate(var_list):
+            if saved is not None:
+                axis = saved[index]
+            elif self.row_axis is None:
+                axis = default_row_axis(variable)
+            elif callable(self.row_axis):
+                axis = self.row_axis(variable)
+            else:
+                axis = self.row_axis
+            try:
+                resolved = core.row_axis_of(len(variable.shape), axis)
+            except (TypeError, ValueError) as error:
+                raise type(error)(
+                    f"`row_axis` of `{_path(variable)}` (shape {tuple(variable.shape)}): {error}"
+                ) from None
+            axes.append(0 if resolved is None else resolved)
+        return axes
+
+    def _build_ftp_slots(self, var_list):
+        """FTP's radius (γ, m_γ, v_γ: 0-d, at least float32), c_prev and s_prev per anchored variable.
+
+        ``s_prev = 1 / n`` is shaped by `core.mars_shape` on the variable's row axis and, as
+        the radius, at least float32: in float16, ``1 / n`` overflows for small rows.
+        """
+        self._ftp = []
+        for variable, mode, axis in zip(var_list, self._modes, self._row_axes):
+            if mode is None:
+                self._ftp.append(None)
+                continue
+            scalar = core.radius_dtype(variable.dtype, xp=_xp)
+            inv_norm_shape = core.mars_shape(variable.shape, axis)
+            self._ftp.append(
+                core.FTPState(
+                    radius=self._slot(variable, "radius", shape=(), dtype=scalar),
+                    radius_exp_avg=self._slot(variable, "radius_exp_avg", shape=(), dtype=scalar),
+                    radius_exp_avg_sq=self._slot(variable, "radius_exp_avg_sq", shape=(), dtype=scalar),
+                    prev_displacement=self._slot(variable, "prev_displacement"),
+                    prev_inv_norm=self._slot(variable, "prev_inv_norm", shape=inv_norm_shape, dtype=scalar),
+                )
+            )
+        if self.anchor == "zero":
+            self._warn_zero_anchor(var_list)
+
+    def _ftp_constrain(self, index, param, direction, anchor, grad, step):
+        slots = self._ftp[index]
+        row_axis = self._row_axes[index]
+        state = core.FTPState(*(_read(s, grad.dtype) for s in slots))
+        if keras.backend.backend() == "jax":
+            # the new displacement waits for ∇γ, the last read of the old one, so that XLA
+            # writes it into the donated buffer instead of copying both (CSE merges the two ∇γ)
+            radius_grad = core.radius_gradient(
+                grad, state.prev_displacement, state.prev_inv_norm, k=self.k, row_axis=row_axis, xp=_xp
+            )
+            direction = _after(direction, radius_grad)
+        new_param, new_state = core.ftp_project(
+            param, direction, anchor, grad, state, step, k=self.k, row_axis=row_axis, xp=_xp
+        )
+        for slot, value in zip(slots, new_state):
+            self.assign(slot, value)
+        return new_param, new_state.radius
+
+    def row_axis_of(self, variable) -> int:
+        """The row axis (non-negative) FTP uses for a model variable: resolved once built, else the rule."""
+        if self.built and self._var_key(variable) in self._trainable_variables_indices:
+            return self._row_axes[self._get_variable_index(variable)]
+        return self._resolve_row_axes([variable])[0]
+
+    def _warn_zero_anchor(self, var_list):
+        """Warn when FTP projects a variable that is not zero around a zero anchor (it would be wiped)."""
+        nonzero = [_path(v) for v, mode in zip(var_list, self._modes) if mode == "zero" and _is_nonzero(v)]
+        if nonzero:
+            warnings.warn(
+                f"{type(self).__name__}(anchor='zero') anchors variables that are not zero: "
+                f"{_listing(nonzero)}. FTP's radius starts at 1e-8, so their first step projects "
+                "them to within 1e-8 of zero (a LoRA `A` factor would be wiped). For FTP, "
+                "anchor them at their own initialisation (anchor='init', built after "
+                "`enable_lora`); a zero anchor is SPD's recipe (decay toward zero).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def get_config(self):
+        """``row_axis`` (an int or None), and once built each variable's resolved axis by position.
+
+        A callable cannot be saved: once the optimizer is built, the axes it gave stand for
+        it; before that, saving it raises.
+        """
+        config = super().get_config()
+        config["row_axis"] = None if callable(self.row_axis) else self.row_axis
+        row_axes = self._row_axes if self.built else self._saved_row_axes
+        if row_axes is not None:
+            config["row_axes"] = list(row_axes)
+        elif callable(self.row_axis):
+            raise ValueError(
+                f"{type(self).__name__}: a callable `row_axis` cannot be saved in a config; build "
+                "the optimizer first (`optimizer.build(model.trainable_variables)`, or after the "
+                "first `fit`), and the config records the axis it gave each variable"
+            )
+        return config
+
+    _constrain = _ftp_constrain
 
 
 class _AdamBase(_AnchoredOptimizer):
@@ -354,7 +594,7 @@ class _AdamBase(_AnchoredOptimizer):
         super().__init__(learning_rate, **kwargs)
         self.beta_1 = _check("beta_1", beta_1, 0.0, 1.0, high_open=True)
         self.beta_2 = _check("beta_2", beta_2, 0.0, 1.0, high_open=True)
-        self.epsilon = _check("epsilon", epsilon, 0.0, float("inf"))
+        self.epsilon = _check("epsilon", epsilon, 0.0, math.inf, high_open=True)
         if not isinstance(amsgrad, bool):
             raise ValueError(f"`amsgrad` must be a bool, got {amsgrad!r}")
         self.amsgrad = amsgrad
@@ -393,7 +633,7 @@ class _AdamBase(_AnchoredOptimizer):
 
 
 @keras.saving.register_keras_serializable(package="tether")
-class AdamFTP(_AdamBase):
+class AdamFTP(_FTP, _AdamBase):
     r"""Adam with Fast Trainable Projection (FTP).
 
     Tian et al., "Fast Trainable Projection for Robust Fine-Tuning", NeurIPS 2023.
@@ -417,7 +657,9 @@ class AdamFTP(_AdamBase):
     $\text{Adam}(g) = \frac{lr}{1 - \beta_1^t} \cdot \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}$.
     On a variable's first step $\gamma = 10^{-8}$, so it stays at its anchor;
     the radius grows from the second step on. Unanchored variables take
-    $\theta \leftarrow \theta - d$.
+    $\theta \leftarrow \theta - d$. A row is an output unit: a kernel's last
+    axis by default (see ``row_axis``). The radius, its moments and $s_{prev}$
+    are at least float32; a 16-bit variable keeps its dtype.
 
     ``epsilon`` defaults to ``1e-8`` (Keras's ``Adam`` uses ``1e-7`` and places it
     differently) so that the same numbers come out as tether's PyTorch and JAX
@@ -436,7 +678,13 @@ class AdamFTP(_AdamBase):
         k: in ``[0, 1]``; positive radius gradients (which would shrink
             $\gamma$) are multiplied by ``k``.
         anchor: ``"init"`` (the weights when the optimizer is built) or ``"zero"``
-            (pull toward zero, for PEFT/LoRA adapters).
+            (project around zero; for FTP, a LoRA adapter's natural anchor is its
+            own initialisation, ``"init"``: see the docs).
+        row_axis: the axis of each variable's output units, over which the MARS norm
+            keeps one value per row: an int for every variable, a callable
+            ``variable -> int``, or ``None`` for `default_row_axis` (-1 for a kernel,
+            so that a ``Dense`` layer has the norms of the same PyTorch ``Linear``; 0
+            for everything else).
         **kwargs: the base optimizer's arguments (``clipnorm``, ``global_clipnorm``,
             ``clipvalue``, ``use_ema``, ``loss_scale_factor``,
             ``gradient_accumulation_steps``, ``name``, ...).
@@ -452,6 +700,7 @@ class AdamFTP(_AdamBase):
         amsgrad: bool = False,
         k: float = 1.0,
         anchor: str = "init",
+        row_axis: int | Callable[[Any], int] | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -465,6 +714,7 @@ class AdamFTP(_AdamBase):
             **kwargs,
         )
         self.k = _check("k", k, 0.0, 1.0)
+        self.row_axis = _check_row_axis(row_axis)
 
     def _build_slots(self, var_list):
         self._build_adam_slots(var_list)
@@ -472,8 +722,6 @@ class AdamFTP(_AdamBase):
 
     def _direction(self, index, grad, param, step, lr):
         return super()._direction(index, grad, param, step, lr, weight_decay=self.weight_decay)
-
-    _constrain = _AnchoredOptimizer._ftp_constrain
 
     def _torch_step(self, mode, indices, params, grads, t, lr):
         _keras_torch.adam_ftp(self, mode, indices, params, grads, t, lr)
@@ -485,7 +733,7 @@ class AdamFTP(_AdamBase):
 
 
 @keras.saving.register_keras_serializable(package="tether")
-class SGDFTP(_AnchoredOptimizer):
+class SGDFTP(_FTP, _AnchoredOptimizer):
     r"""SGD with Fast Trainable Projection (FTP).
 
     Tian et al., "Fast Trainable Projection for Robust Fine-Tuning", NeurIPS 2023.
@@ -513,6 +761,7 @@ class SGDFTP(_AnchoredOptimizer):
         weight_decay: coupled L2 decay $wd$ added to the gradient.
         k: in ``[0, 1]``; positive radius gradients are multiplied by ``k``.
         anchor: ``"init"`` or ``"zero"``.
+        row_axis: the axis of each variable's output units, as in `AdamFTP`.
         **kwargs: the base optimizer's arguments.
     """
 
@@ -525,10 +774,11 @@ class SGDFTP(_AnchoredOptimizer):
         weight_decay: float = 0.0,
         k: float = 1.0,
         anchor: str = "init",
+        row_axis: int | Callable[[Any], int] | None = None,
         **kwargs: Any,
     ):
         super().__init__(learning_rate, weight_decay=weight_decay, anchor=anchor, **kwargs)
-        self.momentum = _check("momentum", momentum, 0.0, float("inf"))
+        self.momentum = _check("momentum", momentum, 0.0, math.inf, high_open=True)
         self.dampening = _check("dampening", dampening, 0.0, 1.0)
         if not isinstance(nesterov, bool):
             raise ValueError(f"`nesterov` must be a bool, got {nesterov!r}")
@@ -536,6 +786,7 @@ class SGDFTP(_AnchoredOptimizer):
             raise ValueError("Nesterov momentum needs `momentum > 0` and `dampening == 0`")
         self.nesterov = nesterov
         self.k = _check("k", k, 0.0, 1.0)
+        self.row_axis = _check_row_axis(row_axis)
 
     def _build_slots(self, var_list):
         self._momentums = [None] * len(var_list)
@@ -561,8 +812,6 @@ class SGDFTP(_AnchoredOptimizer):
         if slot is not None:
             self.assign(slot, new_state.momentum_buffer)
         return direction
-
-    _constrain = _AnchoredOptimizer._ftp_constrain
 
     def _torch_step(self, mode, indices, params, grads, t, lr):
         _keras_torch.sgd_ftp(self, mode, indices, params, grads, t, lr)

@@ -30,11 +30,32 @@ OPTIMIZERS = [tk.AdamFTP, tk.SGDFTP, tk.AdamSPD]
         (tk.AdamFTP, dict(anchor=None), "anchor"),
         (tk.SGDFTP, dict(anchor="Init"), "anchor"),
         (tk.AdamSPD, dict(learning_rate="fast"), "learning_rate"),
+        (tk.AdamSPD, dict(learning_rate=-1.0), "learning_rate"),
+        (tk.AdamSPD, dict(learning_rate=float("nan")), "learning_rate"),
+        (tk.AdamFTP, dict(learning_rate=float("inf")), "learning_rate"),
+        (tk.SGDFTP, dict(learning_rate=-1), "learning_rate"),
+        (tk.SGDFTP, dict(learning_rate=np.float32(-0.5)), "learning_rate"),
+        (tk.AdamFTP, dict(weight_decay=float("inf")), "weight_decay"),
+        (tk.SGDFTP, dict(weight_decay=float("nan")), "weight_decay"),
+        (tk.AdamSPD, dict(weight_decay=float("inf")), "weight_decay"),
+        (tk.AdamFTP, dict(epsilon=float("inf")), "epsilon"),
+        (tk.AdamSPD, dict(epsilon=float("nan")), "epsilon"),
+        (tk.SGDFTP, dict(momentum=float("inf")), "momentum"),
+        (tk.SGDFTP, dict(momentum=float("nan")), "momentum"),
+        (tk.SGDFTP, dict(nesterov=1), "nesterov"),
     ],
 )
 def test_invalid_arguments_raise(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_learning_rates_that_are_not_numbers_are_the_base_class_s(cls):
+    """Schedules, callables and 0 are accepted (a schedule or callable cannot be checked up front)."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5)
+    for learning_rate in (0.0, np.float64(0.1), schedule, lambda: 0.01):
+        cls(learning_rate=learning_rate)
 
 
 def test_defaults():
@@ -86,7 +107,8 @@ def test_exclude_from_anchor(how):
 def test_no_unused_state():
     net = model()
     sgd = tk.SGDFTP(anchor="zero")
-    sgd.build(net.trainable_variables)
+    with pytest.warns(UserWarning, match="not zero"):
+        sgd.build(net.trainable_variables)
     names = slot_names(sgd)
     assert not any("momentum" in n or "anchor" in n for n in names)  # momentum 0, zero anchor: no buffers
     spd = tk.AdamSPD()
@@ -101,7 +123,7 @@ def test_radius_state_shapes_and_dtypes():
     kernel, bias = net.get_layer("body").kernel, net.get_layer("body").bias
     state = optimizer._ftp[optimizer._get_variable_index(kernel)]
     assert tuple(state.radius.shape) == () and state.radius.dtype == "float32"
-    assert tuple(state.prev_inv_norm.shape) == (4, 1)
+    assert tuple(state.prev_inv_norm.shape) == (1, 3)  # a kernel's rows are its outputs, (in, out)
     assert tuple(optimizer._ftp[optimizer._get_variable_index(bias)].prev_inv_norm.shape) == (1,)
 
 
@@ -134,14 +156,62 @@ def test_config_round_trip(cls):
     assert type(again) is cls and again.get_config() == config
 
 
+def test_a_name_is_one_name():
+    """``var_names="head"`` is the name ``head``, not the letters h, e, a and d (``body`` has a d)."""
+    net = model()
+    optimizer = tk.AdamSPD()
+    optimizer.exclude_from_anchor(var_names="head")
+    optimizer.build(net.trainable_variables)
+    assert [optimizer.anchor_mode(v) for v in net.trainable_variables] == ["init", "init", None, None]
+
+
+def test_one_variable_is_a_list_of_one():
+    net = model()
+    optimizer = tk.AdamSPD()
+    optimizer.exclude_from_anchor(var_list=net.get_layer("head").kernel)
+    optimizer.build(net.trainable_variables)
+    assert [optimizer.anchor_mode(v) for v in net.trainable_variables] == ["init", "init", None, "init"]
+
+
+def test_exclusions_by_object_survive_config_before_build():
+    """Before the build, the config records the excluded variables' paths; a rebuilt model matches them."""
+    net = model()
+    optimizer = tk.AdamFTP()
+    optimizer.exclude_from_anchor(var_list=net.get_layer("head").trainable_weights)
+    config = optimizer.get_config()
+    assert config["anchor_exclusions"] == {
+        "var_names": [],
+        "var_paths": ["net/head/bias", "net/head/kernel"],
+        "var_indices": [],
+    }
+    restored = tk.AdamFTP.from_config(config)
+    assert restored.get_config() == config
+    # load_model rebuilds a model without its name in front of the paths
+    layers = [keras.layers.Dense(3, name="body"), keras.layers.Dense(2, name="head")]
+    for layer, width in zip(layers, (4, 3)):
+        layer.build((None, width))
+    variables = [v for layer in layers for v in layer.trainable_weights]
+    assert [v.path for v in variables] == ["body/kernel", "body/bias", "head/kernel", "head/bias"]
+    restored.build(variables)
+    assert [restored.anchor_mode(v) for v in variables] == ["init", "init", None, None]
+    # another model's `head` is not a layer of this name
+    other = keras.layers.Dense(2, name="not_head")
+    other.build((None, 3))
+    assert optimizer.anchor_mode(other.kernel) == "init"
+
+
 def test_exclusions_survive_config_once_built():
     net = model()
     optimizer = tk.AdamFTP()
     optimizer.exclude_from_anchor(var_list=[net.get_layer("head").kernel], var_names=["body/bias"])
-    assert optimizer.get_config()["anchor_exclusions"] == {"var_names": ["body/bias"], "var_indices": []}
+    assert optimizer.get_config()["anchor_exclusions"] == {
+        "var_names": ["body/bias"],
+        "var_paths": ["net/head/kernel"],
+        "var_indices": [],
+    }
     optimizer.build(net.trainable_variables)
     config = optimizer.get_config()
-    assert config["anchor_exclusions"] == {"var_names": ["body/bias"], "var_indices": [1, 2]}
+    assert config["anchor_exclusions"] == {"var_names": ["body/bias"], "var_paths": [], "var_indices": [1, 2]}
     restored = tk.AdamFTP.from_config(config)
     restored.build(model("copy").trainable_variables)
     assert [mode is None for mode in restored._modes] == [False, True, True, False]

@@ -36,6 +36,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.filterwarnings("ignore:.*anchors variables that are not zero")  # parity on purpose
 @pytest.mark.parametrize(("kind", "hparams", "anchor", "unanchored"), CONFIGS)
 def test_float64_takes_the_in_place_path(float64, kernel_calls, kind, hparams, anchor, unanchored):
     assert run_pair(kind, hparams, anchor, unanchored, steps=4) <= TOL
@@ -117,3 +118,58 @@ def test_stateless_apply_leaves_the_variables_alone(float64, kind):
     expected = reference.step({n: numpy(g) for n, g in zip(variables, grads, strict=True)})
     for n, value in zip(variables, values, strict=True):
         np.testing.assert_allclose(numpy(value), expected[n], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("kind", ["adam_ftp", "sgd_ftp"])
+def test_kernel_rows_moved_first_take_the_in_place_path(float64, kernel_calls, kind):
+    """A Dense kernel's rows are its last axis: the kernels step views with that axis first."""
+    from test_layout import TO_TORCH, dense, run_against_reference
+
+    layer = dense()
+    variables = {"kernel": layer.kernel, "bias": layer.bias}
+    assert run_against_reference(kind, variables, {"kernel": TO_TORCH[2], "bias": (0,)}, steps=4) <= TOL
+    # the kernel (rows moved) and the bias are buckets of their own
+    assert kernel_calls[KERNELS[kind]] == 4 * 2
+
+
+def _moved_rows_run(kind, in_place, monkeypatch, shapes, steps=4):
+    """Float32 FTP on ``kernel`` variables (rows last) and a bias; the taken C-kernel buckets."""
+    if not in_place:
+        monkeypatch.setattr(_keras_torch, "_in_place", lambda gradient, variable: False)
+    taken = []
+    kernels_take = _keras_torch._torch_ops.kernels_take
+
+    def recording(*tensor_lists):
+        taken.append((tuple(tensor_lists[0][0].shape), kernels_take(*tensor_lists)))
+        return taken[-1][1]
+
+    monkeypatch.setattr(_keras_torch._torch_ops, "kernels_take", recording)
+    problem = closed_loop_problem(seed=23, steps=steps, shapes=shapes, dtype=np.float32)
+    variables = {
+        n: keras.Variable(p, dtype="float32", name=n.split(".")[0]) for n, p in problem.theta0.items()
+    }
+    hparams = dict(learning_rate=0.05, momentum=0.9) if kind == "sgd_ftp" else dict(learning_rate=0.01)
+    optimizer = OPTIMIZERS[kind](**hparams)
+    for t in range(steps):
+        grads = [keras.ops.convert_to_tensor(problem.gradient(n, numpy(v), t)) for n, v in variables.items()]
+        optimizer.apply_gradients(zip(grads, variables.values(), strict=True))
+    monkeypatch.undo()
+    return {n: numpy(v) for n, v in variables.items()}, taken
+
+
+@pytest.mark.parametrize("kind", ["adam_ftp", "sgd_ftp"])
+def test_moved_rows_in_place_equal_the_generic_path(monkeypatch, kind):
+    """Views with the rows first are not contiguous: no C kernel and no blocks, the same numbers.
+
+    The large kernel (more values than `_torch_ops.BLOCK`) would be stepped a block of rows
+    at a time if it were contiguous; the bias bucket keeps the C kernels.
+    """
+    shapes = {"kernel.0": (700, 400), "kernel.1": (2, 3, 5), "bias": (5,)}
+    fast, taken = _moved_rows_run(kind, True, monkeypatch, shapes)
+    generic, _ = _moved_rows_run(kind, False, monkeypatch, shapes)
+    for n in fast:
+        np.testing.assert_allclose(fast[n], generic[n], rtol=2e-5, atol=1e-6)
+    moved = [took for shape, took in taken if shape == (400, 700)]
+    assert moved and not any(moved)
+    if _keras_torch._torch_ops._kernels is not None:
+        assert all(took for shape, took in taken if shape == (5,))
