@@ -90,12 +90,18 @@ def _widened(x):
 def dot(a, b, scratch=None):
     """``⟨a, b⟩``, the sum of ``a ⊙ b`` over the whole tensor, a 0-d tensor of `statistics_dtype`.
 
-    On the CPU the product goes into ``scratch`` (a `Scratch`) when given, and is summed by
-    `total`; elsewhere it is ``torch.dot``.
+    On the CPU, the C kernels' ``dot`` where it takes the tensors (contiguous float32/float64,
+    outside a trace), else the product into ``scratch`` (a `Scratch`) when given, summed by
+    `total`; elsewhere ``torch.dot`` (MKL's, on the CPU, splits its sum by the thread count).
     """
     a, b = _widened(a), _widened(b)
     if a.device.type != "cpu":
         return torch.dot(a.reshape(-1), b.reshape(-1))
+    if kernels_take([a, b]):
+        value = _kernels.dot(
+            _KERNEL_DTYPES[a.dtype], a.data_ptr(), b.data_ptr(), a.numel(), torch.get_num_threads()
+        )
+        return torch.tensor(value, dtype=a.dtype)
     return total(torch.mul(a, b, out=None if scratch is None else scratch.like(a)))
 
 

@@ -1,8 +1,9 @@
-r"""PyTorch optimizers for robust fine-tuning: FTP and SPD (``ALGORITHMS.md`` §3–§6).
+r"""PyTorch optimizers for robust fine-tuning: FTP, SPD and the baselines (``ALGORITHMS.md`` §3–§8).
 
 ``AdamFTP``, ``SGDFTP`` and ``AdamSPD`` are `torch.optim.Optimizer`\ s with the base step
-fused in; ``FTP`` and ``SPD`` wrap any other torch optimizer. Each parameter group takes an
-``anchor`` key:
+fused in; ``FTP``, ``SPD``, ``L2SP`` and ``MARSSP`` wrap any other torch optimizer; ``TPGM``
+runs beside one, and ``wise_ft`` mixes fine-tuned and pre-trained weights. Each parameter group
+takes an ``anchor`` key:
 
 - ``"init"`` (default): the anchor ``θ₀`` is a copy of the tensor taken when the optimizer is built;
 - ``"zero"``: ``θ₀ = 0`` and nothing is stored (PEFT/LoRA adapters, a new head pulled to zero);

@@ -222,3 +222,34 @@ def test_the_kernels_check_their_arguments(kernels):
         kernels.ftp_project(0, address, 0, address, address, address, 1.0, 0, 4, 1)
     with pytest.raises(TypeError):
         kernels.sgd_ftp_displace(0, address)
+    with pytest.raises(ValueError, match="dtype code"):
+        kernels.dot(3, address, address, 4, 1)
+    with pytest.raises(ValueError, match="n must be"):
+        kernels.dot(0, address, address, -1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 255, 256, 257, 16_384, 16_385, 100_003])
+def test_dot_is_accurate_and_takes_no_account_of_threads(kernels, dtype, n):
+    gen = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, generator=gen, dtype=dtype), torch.randn(n, generator=gen, dtype=dtype)
+    exact = float((a.double() * b.double()).sum())
+    squares = float((a.double() ** 2).sum())
+    code = _torch_ops._KERNEL_DTYPES[dtype]
+    # relative to Σ|a·b|: float32 lanes of 16 values, chunks of 256 joined in double
+    scale = float((a.double() * b.double()).abs().sum())
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    for threads in (1, 2, 3):
+        got = kernels.dot(code, a.data_ptr(), b.data_ptr(), n, threads)
+        assert abs(got - exact) <= tol * scale
+        assert kernels.dot(code, a.data_ptr(), 0, n, threads) == pytest.approx(squares, rel=tol, abs=0)
+    results = {kernels.dot(code, a.data_ptr(), b.data_ptr(), n, threads) for threads in (1, 2, 3, 4)}
+    assert len(results) == 1
+
+
+def test_dot_takes_the_kernel_for_contiguous_cpu_floats(kernels, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_torch_ops._kernels, "dot", lambda *args: calls.append(args) or 2.5, raising=False)
+    a = torch.ones(40)
+    assert float(_torch_ops.dot(a, a)) == 2.5 and len(calls) == 1
+    assert float(_torch_ops.dot(a[::2], a[::2])) == 20.0 and len(calls) == 1  # strided: the PyTorch path
