@@ -7,6 +7,7 @@ Python loop that draws one batch per projection update and runs jitted
 pieces: the first call's constraints, one projection update, the projection.
 """
 
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -188,7 +189,7 @@ def tpgm_step(
     if not callable(loss_fn):
         raise TypeError(f"{where}: loss_fn must be callable: loss_fn(params, batch) -> scalar loss")
     check_number("lr", lr, where, low=0.0)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 0:
         raise ValueError(f"{where}: iters must be an int >= 0, got {iters!r}")
     check_bool("jit", jit, where)
     if iters and not isinstance(batches, Iterator):
@@ -203,7 +204,7 @@ def tpgm_step(
     statics = dict(norm=norm, axes=axes)
     constraint = pieces["begin"](params, state.anchor, state.constraint, state.calls, **statics)
     moments, count = (state.constraint_exp_avg, state.constraint_exp_avg_sq), state.count
-    for done in range(iters):
+    for done in range(int(iters)):
         try:
             batch = next(batches)
         except StopIteration:
@@ -311,14 +312,10 @@ def _measured(params, anchor, norm, axes):
     return values, treedef, out
 
 
-def _per_tensor(treedef, tree):
-    return treedef.flatten_up_to(tree)
-
-
 def _begin(params, anchor, constraint, calls, *, norm, axes):
     """The constraints at the start of a call: `γ = min(n) / 2` on the first call, else unchanged."""
     _, treedef, measured = _measured(params, anchor, norm, axes)
-    gammas = _per_tensor(treedef, constraint)
+    gammas = treedef.flatten_up_to(constraint)
     first = calls == 0
     out = [
         g if m is None else jnp.where(first, core.initial_constraint(m[2], xp=jnp).astype(g.dtype), g)
@@ -332,7 +329,7 @@ def _update(loss, params, anchor, constraint, moments, count, lr, batch, *, norm
     values, treedef, measured = _measured(params, anchor, norm, axes)
     gammas = [
         g if m is None else core.clip_constraint(g, m[2], xp=jnp)
-        for g, m in zip(_per_tensor(treedef, constraint), measured)
+        for g, m in zip(treedef.flatten_up_to(constraint), measured)
     ]
     live = [i for i, m in enumerate(measured) if m is not None]
 
@@ -346,7 +343,7 @@ def _update(loss, params, anchor, constraint, moments, count, lr, batch, *, norm
 
     grads = jax.grad(validation_loss)([gammas[i] for i in live])
     step = _safe_increment(count)
-    exp_avg, exp_avg_sq = (_per_tensor(treedef, m) for m in moments)
+    exp_avg, exp_avg_sq = (treedef.flatten_up_to(m) for m in moments)
     for i, grad in zip(live, grads):
         direction, adam = core.adam_direction(
             grad, core.AdamState(exp_avg[i], exp_avg_sq[i]), step,
@@ -360,7 +357,7 @@ def _update(loss, params, anchor, constraint, moments, count, lr, batch, *, norm
 def _project(params, anchor, constraint, *, norm, axes):
     """The projection that ends a call: the constrained tensors (None for the others) and the clipped `γ`."""
     values, treedef, measured = _measured(params, anchor, norm, axes)
-    gammas = _per_tensor(treedef, constraint)
+    gammas = treedef.flatten_up_to(constraint)
     projected = []
     for i, (param, m) in enumerate(zip(values, measured)):
         if m is None:

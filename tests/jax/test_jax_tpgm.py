@@ -182,7 +182,7 @@ def test_batches_are_drawn_one_per_update_from_the_iterator_given():
 
     stream = iter([(*b, i) for i, b in enumerate(batches)])
     params, state = tj.tpgm_step(loss_fn, params, state, stream, iters=2, jit=False)
-    params, state = tj.tpgm_step(loss_fn, params, state, stream, iters=3, jit=False)
+    params, state = tj.tpgm_step(loss_fn, params, state, stream, iters=np.int64(3), jit=False)
     assert order == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="ran out after 0 of 1"):
         tj.tpgm_step(loss_fn, params, state, stream, iters=1, jit=False)
