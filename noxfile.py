@@ -16,7 +16,7 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 GOLDEN_CHECK = ROOT.parent / "shared" / "tools" / "golden_check.py"
 TPGM_CHECK = ROOT.parent / "shared" / "tools" / "tpgm_check.py"
 #: The backends whose TPGM replays the authors' runs (ALGORITHMS.md §7).
-TPGM_BACKENDS = ("torch",)
+TPGM_BACKENDS = ("torch", "jax")
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 #: The C kernels of the PyTorch adapter are optional at install; here a missing build fails
 #: their tests (TETHER_REQUIRE_KERNELS=0 skips them, for a machine without a C compiler).

@@ -46,8 +46,8 @@ def flatten_params(params, where):
     """Flatten ``params`` and check that every leaf is a real floating-point array."""
     if params is None:
         raise ValueError(
-            f"{where}: `params` is required. FTP and SPD move each tensor relative to its anchor, "
-            "so call `update(grads, state, params)` (in a chain, pass `params` to the chain's update)"
+            f"{where}: `params` is required. tether's transformations move each tensor relative to its "
+            "anchor, so call `update(grads, state, params)` (in a chain, pass `params` to the chain's update)"
         )
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keypaths = [path for path, _ in path_leaves]
@@ -59,8 +59,8 @@ def flatten_params(params, where):
             raise TypeError(f"{where}: parameter {path} is a {type(leaf).__name__}, not an array")
         if jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(
-                f"{where}: parameter {path} is complex ({dtype}); FTP and SPD are defined for real "
-                "parameters only (norms and the sign tests need real values)"
+                f"{where}: parameter {path} is complex ({dtype}); tether's methods are defined "
+                "for real parameters only (norms and the sign tests need real values)"
             )
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{where}: parameter {path} has dtype {dtype}; expected a floating-point dtype")
@@ -90,8 +90,8 @@ def check_grads(leaves, grads, where):
         dtype = getattr(grad, "dtype", None)
         if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(
-                f"{where}: the gradient of {path} is complex ({dtype}); FTP and SPD are defined for "
-                "real parameters only"
+                f"{where}: the gradient of {path} is complex ({dtype}); tether's methods are "
+                "defined for real parameters only"
             )
         if jnp.shape(grad) != param.shape:
             raise ValueError(
@@ -181,15 +181,21 @@ def _key_name(key):
     return None
 
 
-def default_row_axis(keypath, leaf):
-    """The default row axis: -1 for a flax kernel, 0 for everything else.
+#: Keys of the tensors that keep their output units on the last axis in flax: a `Dense` or `Conv`
+#: kernel (`(in, out)`, `(kh, kw, in, out)`) and `nnx.LoRA`'s factors (`(in, rank)`, `(rank, out)`).
+ROWS_LAST_KEYS = frozenset({"kernel", "lora_a", "lora_b"})
 
-    A leaf with ``ndim >= 2`` whose key path has a key named ``kernel`` (flax linen's
-    ``params["Dense_0"]["kernel"]``; flax NNX's ``State`` paths, which may end in ``.value``)
-    keeps its output units on the last axis (``(in, out)``, ``(kh, kw, in, out)``). Embeddings
-    ``(num, dim)``, biases, scalars and anything else keep PyTorch's layout: rows on axis 0.
+
+def default_row_axis(keypath, leaf):
+    """The default row axis: -1 for a flax kernel or LoRA factor, 0 for everything else.
+
+    A leaf with ``ndim >= 2`` whose key path has a key in `ROWS_LAST_KEYS` (flax linen's
+    ``params["Dense_0"]["kernel"]``; flax NNX's ``State`` paths, which may end in ``.value``;
+    ``nnx.LoRA``'s ``lora_a`` ``(in, rank)`` and ``lora_b`` ``(rank, out)``) keeps its output
+    units on the last axis. Embeddings ``(num, dim)``, biases, scalars and anything else keep
+    PyTorch's layout: rows on axis 0.
     """
-    if jnp.ndim(leaf) >= 2 and any(_key_name(key) == "kernel" for key in keypath):
+    if jnp.ndim(leaf) >= 2 and any(_key_name(key) in ROWS_LAST_KEYS for key in keypath):
         return -1
     return 0
 
@@ -199,7 +205,7 @@ def _is_static_int(value):
 
 
 _ROW_AXIS_FORMS = (
-    "row_axis must be None (flax's `kernel` rule), an int, a pytree of ints with the structure of the "
+    "row_axis must be None (flax's `kernel` and LoRA rule), an int, a pytree of ints with the structure of the "
     "parameters (or a prefix of it), or a callable (key_path, leaf) -> int"
 )
 

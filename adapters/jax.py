@@ -10,8 +10,14 @@ chains, jits and injects like any optax optimizer; the math is a call into
 - `adam_spd`: Adam with Selective Projection Decay (Tian et al., "Rethinking
   Weight Decay for Robust Fine-Tuning of Foundation Models", NeurIPS 2024).
 - `ftp`, `spd`: the same projections around any optax transformation.
+- `tpgm_init`, `tpgm_step`: the Trainable Projected Gradient Method (Tian et
+  al., CVPR 2023), beside any optimizer: constraints learned on validation
+  batches, then a projection.
+- The reference baselines (`ALGORITHMS.md` §8): `l2_sp` (a gradient term,
+  chained before any optimizer), `mars_sp` (a fixed-radius projection around
+  any optax transformation), `wise_ft` (weight-space interpolation).
 
-Conventions shared by all five:
+Conventions shared by the transformations (`adam_ftp` … `spd`, `l2_sp`, `mars_sp`):
 
 - `update(grads, state, params)` needs `params`, and returns
   `updates = new_params − params` (`optax.apply_updates` adds them).
@@ -45,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import core
+from ._jax_tpgm import TPGMState, tpgm_init, tpgm_step
 from ._jax_tree import (
     ABSENT,
     check_anchor,
@@ -73,13 +80,21 @@ __all__ = [
     "AdamSPDState",
     "FTPProjectionState",
     "FTPWrapperState",
+    "L2SPState",
+    "MARSSPState",
     "SGDFTPState",
     "SPDWrapperState",
+    "TPGMState",
     "adam_ftp",
     "adam_spd",
     "ftp",
+    "l2_sp",
+    "mars_sp",
     "sgd_ftp",
     "spd",
+    "tpgm_init",
+    "tpgm_step",
+    "wise_ft",
 ]
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
@@ -186,6 +201,28 @@ class SPDWrapperState(NamedTuple):
     Attributes:
         inner_state: The wrapped transformation's state.
         anchor: `θ₀` per anchored tensor.
+    """
+
+    inner_state: optax.OptState
+    anchor: optax.Params
+
+
+class L2SPState(NamedTuple):
+    """State of `l2_sp`.
+
+    Attributes:
+        anchor: `θ₀` per anchored tensor (`MaskedNode` for `anchor="zero"` and unanchored).
+    """
+
+    anchor: optax.Params
+
+
+class MARSSPState(NamedTuple):
+    """State of `mars_sp`.
+
+    Attributes:
+        inner_state: The wrapped transformation's state.
+        anchor: `θ₀` per anchored tensor (`MaskedNode` for `anchor="zero"` and unanchored).
     """
 
     inner_state: optax.OptState
@@ -958,3 +995,204 @@ def spd(
         return unflatten(leaves, new_updates), SPDWrapperState(inner_state, state.anchor)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference baselines (ALGORITHMS.md §8). TPGM is in `_jax_tpgm` (`tpgm_init`, `tpgm_step`).
+
+
+def l2_sp(
+    alpha: float,
+    *,
+    anchor: str = "init",
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""L2-SP: an L2 penalty toward the anchor, as a gradient term, chained before any optimizer.
+
+    The loss gains `(α/2) ‖θ − θ₀‖₂²` over the anchored tensors, so each anchored tensor's
+    gradient becomes (`ALGORITHMS.md` §8)
+
+        g ← g + α (θ − θ₀)
+
+    and the optimizer that follows in the chain (its momentum, Adam's moments) sees the
+    penalty: `optax.chain(l2_sp(0.01), optax.adam(1e-4))`. Unanchored tensors (`mask`
+    False) keep their gradient. 16-bit tensors are penalized in float32, then cast back.
+
+    Reference: X. Li, Y. Grandvalet, F. Davoine, "Explicit Inductive Bias for Transfer
+    Learning with Convolutional Networks", ICML 2018.
+
+    Args:
+        alpha: The penalty's strength `α` (a finite number ≥ 0, or an array).
+        anchor: `"init"` (the parameters given to `init`) or `"zero"` (the origin: plain L2
+            weight decay added to the gradient, nothing stored).
+        mask: Which tensors are anchored (as in `adam_ftp`).
+
+    Returns:
+        optax.GradientTransformationExtraArgs: its state is an `L2SPState`; `update` needs
+        `params`.
+    """
+    where = "l2_sp"
+    check_number("alpha", alpha, where, low=0.0)
+    _check_common(where, anchor, mask)
+
+    def init_fn(params):
+        at = f"{where}.init"
+        leaves = flatten_params(params, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        return L2SPState(_init_anchor(leaves, anchored, anchor))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        at = f"{where}.update"
+        leaves = flatten_params(params, at)
+        _check_state(state, L2SPState, at)
+        grads = check_grads(leaves, updates, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
+        new_grads = [
+            _l2_sp_gradient(grad, param, theta0, alpha) if flag else grad
+            for grad, param, theta0, flag in zip(grads, leaves.values, anchors, anchored, strict=True)
+        ]
+        return unflatten(leaves, new_grads), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _l2_sp_gradient(grad, param, anchor, alpha):
+    """`core.l2_sp_gradient`; a 16-bit tensor in float32 (`θ − θ₀` of two close 16-bit numbers
+    keeps few bits, and the torch adapter does the same)."""
+    wide = core.statistics_dtype(grad.dtype, xp=jnp)
+    if wide == grad.dtype:
+        return core.l2_sp_gradient(grad, param, anchor, alpha, xp=jnp)
+    theta0 = None if anchor is None else anchor.astype(wide)
+    return core.l2_sp_gradient(grad.astype(wide), param.astype(wide), theta0, alpha, xp=jnp).astype(
+        grad.dtype
+    )
+
+
+def mars_sp(
+    inner: optax.GradientTransformation,
+    *,
+    radius: float,
+    anchor: str = "init",
+    mask: MaskOrFn = None,
+    row_axis: RowAxis = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""MARS-SP around any optax transformation: after its step, a projection onto a fixed MARS ball.
+
+    `inner` proposes `θ̃ = θ + u`; each anchored tensor is then projected, row by row (the
+    output units), onto the ball of radius `γ` around its anchor (`ALGORITHMS.md` §2, §8):
+
+        c = θ̃ − θ₀     n = MARS(c)   (per row)     θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c
+
+    Rows inside the ball are untouched. FTP (`ftp`, `adam_ftp`) learns this radius per tensor
+    instead. Unanchored tensors take `u` unchanged.
+
+    Reference: H. Gouk, T. M. Hospedales, M. Pontil, "Distance-Based Regularisation of Deep
+    Networks for Fine-Tuning", ICLR 2021.
+
+    Args:
+        inner: The base optimizer (which must include the learning rate), e.g.
+            `optax.sgd(1e-2, momentum=0.9)`.
+        radius: The fixed radius `γ` of every anchored tensor's rows (a finite number ≥ 0,
+            or an array).
+        anchor: `"init"` or `"zero"` (as in `adam_ftp`).
+        mask: Which tensors are anchored (as in `adam_ftp`).
+        row_axis: The axis of each tensor's rows (as in `adam_ftp`).
+
+    Returns:
+        optax.GradientTransformationExtraArgs: its state is a `MARSSPState`; extra arguments of
+        `update` are passed to `inner`.
+    """
+    where = "mars_sp"
+    check_inner(inner, where)
+    check_number("radius", radius, where, low=0.0)
+    _check_common(where, anchor, mask)
+    check_row_axis(row_axis, where)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        at = f"{where}.init"
+        leaves = flatten_params(params, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        resolve_row_axis(row_axis, params, leaves, at)  # a row axis that does not fit fails here
+        return MARSSPState(inner.init(params), _init_anchor(leaves, anchored, anchor))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        at = f"{where}.update"
+        leaves = flatten_params(params, at)
+        _check_state(state, MARSSPState, at)
+        check_grads(leaves, updates, at)
+        anchored = resolve_mask(mask, params, leaves, at)
+        axes = resolve_row_axis(row_axis, params, leaves, at)
+        anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
+        _check_inner_state(inner, state.inner_state, params, at)
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        proposals = line_up(leaves, inner_updates, "the inner transformation's updates", at)
+        new_updates = []
+        for param, proposal, theta0, flag, axis in zip(
+            leaves.values, proposals, anchors, anchored, axes, strict=True
+        ):
+            if not flag:
+                new_updates.append(proposal)
+                continue
+            proposed = (param + proposal).astype(param.dtype)
+            new_param = core.mars_sp_project(proposed, theta0, radius, row_axis=axis, xp=jnp)
+            new_updates.append(new_param - param)
+        return unflatten(leaves, new_updates), MARSSPState(inner_state, state.anchor)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def wise_ft(anchor_params: optax.Params, params: optax.Params, alpha: float) -> optax.Params:
+    r"""WiSE-FT: the fine-tuned weights interpolated with the pre-trained ones.
+
+    For every floating-point leaf (parameters and floating statistics such as BatchNorm's
+    running means; `ALGORITHMS.md` §8):
+
+        θ = (1 − α) θ₀ + α θ_ft
+
+    computed in at least float32, in the fine-tuned leaf's dtype; every other leaf (integer
+    counters, bools) comes from `params`. A pure function: it traces under `jax.jit` (with
+    `alpha` an array), and several `α` can be tried from the same fine-tuned weights.
+
+    Reference: M. Wortsman, G. Ilharco, J. W. Kim, M. Li, S. Kornblith, R. Roelofs, R. Gontijo
+    Lopes, H. Hajishirzi, A. Farhadi, H. Namkoong, L. Schmidt, "Robust fine-tuning of zero-shot
+    models", CVPR 2022.
+
+    Args:
+        anchor_params: The pre-trained weights `θ₀`, with the tree and shapes of `params`.
+        params: The fine-tuned weights `θ_ft`.
+        alpha: In `[0, 1]`: 0 is the pre-trained model, 1 the fine-tuned one.
+
+    Returns:
+        A pytree with the structure of `params`.
+
+    Raises:
+        ValueError: `alpha` outside `[0, 1]` or not finite, or `anchor_params` whose tree or
+            shapes differ from `params`' (naming the leaf).
+    """
+    where = "wise_ft"
+    check_number("alpha", alpha, where, low=0.0, high=1.0)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        anchors = treedef.flatten_up_to(anchor_params)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{where}: anchor_params does not have the tree structure of params.\n"
+            f"  params:        {treedef}\n  anchor_params: {jax.tree.structure(anchor_params)}\n  ({error})"
+        ) from None
+    mixed = []
+    for (path, value), theta0 in zip(path_leaves, anchors, strict=True):
+        name = jax.tree_util.keystr(path) or "<root>"
+        shape = getattr(theta0, "shape", None)
+        if shape is None and isinstance(theta0, (int, float)):
+            shape = ()
+        if shape is None or tuple(shape) != tuple(jnp.shape(value)):
+            shape = type(theta0).__name__ if shape is None else tuple(shape)
+            raise ValueError(f"{where}: the anchor's {name} is {shape}, the fine-tuned {jnp.shape(value)}")
+        if hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.floating):
+            mixed.append(core.wise_ft(jnp.asarray(theta0).astype(value.dtype), value, alpha, xp=jnp))
+        else:
+            mixed.append(value)
+    return treedef.unflatten(mixed)

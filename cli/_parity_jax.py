@@ -4,13 +4,15 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import itertools  # noqa: E402
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from tether.adapters import jax as tj  # noqa: E402
 
-from ._parity_cases import MLP, SameModel, full_hparams  # noqa: E402
+from ._parity_cases import MLP, MODEL_KINDS, SameModel, finetuning_steps, full_hparams  # noqa: E402
 
 FUSED = {"adam_ftp": tj.adam_ftp, "sgd_ftp": tj.sgd_ftp, "adam_spd": tj.adam_spd}
 
@@ -35,6 +37,15 @@ def build(case, names, mask=None):
         if h["dampening"]:
             raise ValueError("optax.sgd has no dampening")
         return tj.ftp(inner, k=h["k"], anchor=case.anchor, mask=mask)
+    if case.wrapper in ("l2sp", "marssp"):
+        if h["dampening"] or h["weight_decay"]:
+            raise ValueError(
+                "the l2sp and marssp parity cases take optax.sgd as it is (no dampening, no decay)"
+            )
+        sgd = optax.sgd(h["lr"], momentum=h["momentum"] or None, nesterov=h["nesterov"])
+        if case.wrapper == "l2sp":  # L2-SP's gradient term, then the optimizer
+            return optax.chain(tj.l2_sp(h["alpha"], anchor=case.anchor, mask=mask), sgd)
+        return tj.mars_sp(sgd, radius=h["radius"], anchor=case.anchor, mask=mask)
     if case.wrapper == "spd":
         if h["amsgrad"]:
             raise ValueError("the spd(adam) parity case has no amsgrad form in optax")
@@ -71,6 +82,37 @@ def _flax_network(dtype):
     return Network()
 
 
+class _FlaxLayout:
+    """`SameModel`'s weights as flax keeps them: `{"params": {layer: {"kernel", "bias"}}}`, channels last."""
+
+    @staticmethod
+    def tree(fn):
+        """The params tree with `fn(name)` at each leaf (`name` in PyTorch's naming)."""
+        return {
+            "params": {
+                layer: {"kernel": fn(f"{layer}.weight"), "bias": fn(f"{layer}.bias")} for layer in _LAYERS
+            }
+        }
+
+    @staticmethod
+    def to_flax(named, dtype):
+        """PyTorch-layout arrays by name → the flax params tree."""
+        return _FlaxLayout.tree(
+            lambda n: jnp.asarray(SameModel.to_channels_last(n, np.asarray(named[n])), dtype=dtype)
+        )
+
+    @staticmethod
+    def to_torch(params):
+        """The flax params tree → PyTorch-layout float64 arrays by name."""
+        out = {}
+        for layer in _LAYERS:
+            for key, kind in (("kernel", "weight"), ("bias", "bias")):
+                name = f"{layer}.{kind}"
+                value = np.asarray(params["params"][layer][key], dtype=np.float64)
+                out[name] = SameModel.from_channels_last(name, value)
+        return out
+
+
 def _run_same_model(case, problem, dtype):
     """The case on `SameModel` built with flax, in flax's layout; the trajectory in PyTorch's."""
     try:
@@ -78,32 +120,52 @@ def _run_same_model(case, problem, dtype):
     except ImportError:
         return None  # flax is not installed: nothing to build the model with
 
-    def leaf(name):
-        return jnp.asarray(SameModel.to_channels_last(name, problem.theta0[name]), dtype=dtype)
-
-    def per_layer(fn):
-        return {
-            "params": {
-                layer: {"kernel": fn(f"{layer}.weight"), "bias": fn(f"{layer}.bias")} for layer in _LAYERS
-            }
-        }
-
-    params = per_layer(leaf)
-    tx = build(case, list(problem.theta0), mask=per_layer(lambda n: n not in case.unanchored))
+    params = _FlaxLayout.to_flax(problem.theta0, dtype)
+    mask = _FlaxLayout.tree(lambda n: n not in case.unanchored)
     x = jnp.asarray(SameModel.to_channels_last("x", problem.x), dtype=dtype)
     y = jnp.asarray(problem.y, dtype=dtype)
-    grad_fn = jax.jit(jax.grad(lambda p: jnp.mean((network.apply(p, x) - y) ** 2)))
+
+    def loss(p, batch=None):
+        return jnp.mean((network.apply(p, x) - y) ** 2)
+
+    if case.kind in MODEL_KINDS:
+        return _beside_finetuning(
+            case, problem, params, mask, loss, _FlaxLayout.to_flax, _FlaxLayout.to_torch
+        )
+    tx = build(case, list(problem.theta0), mask=mask)
+    grad_fn = jax.jit(jax.grad(loss))
     update = jax.jit(tx.update)
     state = tx.init(params)
     trajectory = {n: [] for n in problem.theta0}
     for _ in range(problem.steps):
         updates, state = update(grad_fn(params), state, params)
         params = optax.apply_updates(params, updates)
-        for layer in _LAYERS:
-            for key, kind in (("kernel", "weight"), ("bias", "bias")):
-                name = f"{layer}.{kind}"
-                value = np.asarray(params["params"][layer][key], dtype=np.float64)
-                trajectory[name].append(SameModel.from_channels_last(name, value))
+        for name, value in _FlaxLayout.to_torch(params).items():
+            trajectory[name].append(value)
+    return {n: np.stack(v) for n, v in trajectory.items()}
+
+
+def _beside_finetuning(case, problem, params, mask, loss, to_params, to_named):
+    """TPGM calls (`tj.tpgm_step`) or WiSE-FT mixes (`tj.wise_ft`) after fixed fine-tuning steps.
+
+    `to_params(named, dtype)` and `to_named(params)` convert between the problem's PyTorch-layout
+    arrays by name and the params tree; `loss(params, batch)` ignores the batch (one fixed batch).
+    """
+    dtype = jax.tree.leaves(params)[0].dtype
+    anchor = params
+    h = case.hparams
+    state = tj.tpgm_init(params, norm=h["norm"], mask=mask) if case.kind == "tpgm" else None
+    batches = itertools.repeat(None)
+    trajectory = {n: [] for n in problem.theta0}
+    for delta in finetuning_steps(problem):
+        params = jax.tree.map(jnp.add, params, to_params(delta, dtype))
+        if state is not None:
+            params, state = tj.tpgm_step(loss, params, state, batches, lr=h["lr"], iters=h["iters"])
+            shown = params
+        else:
+            shown = tj.wise_ft(anchor, params, h["alpha"])
+        for name, value in to_named(shown).items():
+            trajectory[name].append(value)
     return {n: np.stack(v) for n, v in trajectory.items()}
 
 
@@ -114,6 +176,17 @@ def run(case, problem, dtype, device):
             return _run_same_model(case, problem, dtype)
     with jax.default_device(dev):
         params = {n: jnp.asarray(v, dtype=dtype) for n, v in problem.theta0.items()}
+        if case.kind in MODEL_KINDS:  # only on the MLP: the reference marks the closed loop n/a
+            x, y = jnp.asarray(problem.x, dtype=dtype), jnp.asarray(problem.y, dtype=dtype)
+            return _beside_finetuning(
+                case,
+                problem,
+                params,
+                {n: n not in case.unanchored for n in params},
+                lambda p, batch=None: _mlp_loss(p, x, y),
+                lambda named, dt: {n: jnp.asarray(v, dtype=dt) for n, v in named.items()},
+                lambda p: {n: np.asarray(v, dtype=np.float64) for n, v in p.items()},
+            )
         tx = build(case, list(params))
         state = tx.init(params)
         update = jax.jit(tx.update)

@@ -180,6 +180,23 @@ def test_default_rule_sees_attribute_keys_and_a_trailing_value():
     assert default_row_axis((key("lin"), key("kernel")), jnp.ones((4,))) == 0
     assert default_row_axis((key("emb"), key("embedding"), attr("value")), leaf) == 0
     assert default_row_axis((key("lin"), key("weight")), leaf) == 0
+    assert default_row_axis((key("lora"), key("lora_a"), attr("value")), leaf) == -1
+    assert default_row_axis((attr("lora"), attr("lora_b")), leaf) == -1
+
+
+def test_nnx_lora_factors_have_their_rows_on_the_last_axis_by_default():
+    """`nnx.LoRA` keeps `lora_a` as `(in, rank)` and `lora_b` as `(rank, out)`: outputs last, as a kernel."""
+    nnx = pytest.importorskip("flax.nnx")
+    layer = nnx.LoRALinear(6, 4, lora_rank=2, rngs=nnx.Rngs(0))
+    params = nnx.state(layer, nnx.Param)
+    shapes = jax.tree.map(lambda x: x.shape, tj.adam_ftp(1e-3).init(params).projection.prev_inv_norm)
+    assert nnx.to_pure_dict(shapes) == {
+        "kernel": (1, 4),
+        "bias": (1,),
+        "lora": {"lora_a": (1, 2), "lora_b": (1, 4)},
+    }
+    axes = nnx.to_pure_dict(tj.tpgm_init(params).row_axis)
+    assert int(axes["lora"]["lora_a"]) == 1 and int(axes["lora"]["lora_b"]) == 1 and int(axes["kernel"]) == 1
 
 
 def test_a_state_made_with_another_row_axis_fails_at_update():

@@ -19,18 +19,22 @@ FTP = {
 
 
 def _lora():
-    """A frozen `W₀` (out=4, in=6) adapted by `B A` (rank 2): `A` random, `B` zero, as LoRA starts."""
+    """A frozen `W₀` (out=4, in=6) adapted by `B A` (rank 2): `A` random, `B` zero, as LoRA starts.
+
+    In flax `nnx.LoRA`'s layout, outputs last: `lora_a` `(in, rank)`, `lora_b` `(rank, out)`
+    (the default row axis of both is the last).
+    """
     rng = np.random.default_rng(0)
     frozen = jnp.asarray(rng.standard_normal((4, 6)))
     params = {
-        "lora_a": jnp.asarray(rng.standard_normal((2, 6)) / np.sqrt(6)),
-        "lora_b": jnp.zeros((4, 2)),
+        "lora_a": jnp.asarray(rng.standard_normal((2, 6)).T / np.sqrt(6)),
+        "lora_b": jnp.zeros((2, 4)),
     }
     x = jnp.asarray(rng.standard_normal((32, 6)))
     y = x @ (frozen + jnp.asarray(rng.standard_normal((4, 2)) @ rng.standard_normal((2, 6)) * 0.3)).T
 
     def loss(p):
-        return jnp.mean((x @ (frozen + p["lora_b"] @ p["lora_a"]).T - y) ** 2)
+        return jnp.mean((x @ frozen.T + x @ p["lora_a"] @ p["lora_b"] - y) ** 2)
 
     return params, loss
 
