@@ -2,7 +2,7 @@
 
 import torch
 
-from tether.adapters.torch import FTP, L2SP, MARSSP, SPD, TPGM, AdamFTP, AdamSPD, SGDFTP, wise_ft
+from tether.adapters.torch import FTP, L2SP, MARSSP, SGDFTP, SPD, TPGM, AdamFTP, AdamSPD, wise_ft
 
 torch.manual_seed(0)
 x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
@@ -44,7 +44,9 @@ def finetune(model, optimizer, steps=100, tpgm=None, every=20):
 
 
 def drift(model, anchor):
-    return sum((p - anchor[n]).norm() ** 2 for n, p in model.state_dict().items() if n.startswith("0.")) ** 0.5
+    return (
+        sum((p - anchor[n]).norm() ** 2 for n, p in model.state_dict().items() if n.startswith("0.")) ** 0.5
+    )
 
 
 results = {}
@@ -64,7 +66,10 @@ model = pretrained()
 anchor = {n: p.clone() for n, p in model.state_dict().items()}
 finetune(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
 model.load_state_dict(wise_ft(model, anchor, alpha=0.5))  # halfway between pre-trained and fine-tuned
-results["WiSE-FT (α=0.5)"] = (torch.nn.functional.cross_entropy(model(x), y).item(), float(drift(model, anchor)))
+results["WiSE-FT (α=0.5)"] = (
+    torch.nn.functional.cross_entropy(model(x), y).item(),
+    float(drift(model, anchor)),
+)
 
 for name, (loss, distance) in results.items():
     print(f"{name:16s} train loss {loss:.3f}   ‖θ − θ₀‖ of the backbone {distance:.3f}")

@@ -106,7 +106,7 @@ def test_a_real_run_passes(backend, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 44  # 11 cases × 2 dtypes × 2 problem scopes on the CPU
+    assert len(rows) == 64  # 16 cases × 2 dtypes × 2 problem scopes on the CPU
     assert {r["problem"] for r in rows} == {"arrays", "same model"}
     assert all(r["verdict"] == "pass" for r in rows)
     assert max(r["max_abs_deviation"] for r in rows if r["dtype"] == "float64") < 1e-12
