@@ -43,8 +43,9 @@ def golden(session, backend, env=None):
 
 @nox.session(name="tests-core")
 def tests_core(session):
-    """The core on NumPy, array_api_strict, jax.numpy under jit and torch under torch.compile; the CLI."""
-    install(session, "torch", "jax", "flax")
+    """The core on NumPy, array_api_strict, jax.numpy under jit and torch under torch.compile; the CLI
+    (parity, bench, and a smoke run of robustness)."""
+    install(session, "torch", "jax", "flax", "robustness")
     session.run("pytest", "tests/core", "tests/cli", *session.posargs)
 
 
