@@ -32,7 +32,7 @@ METHODS = {
 }
 
 
-def finetune(model, optimizer, steps=100, tpgm=None, every=20):
+def finetune(model, optimizer, steps=40, tpgm=None, every=10):
     loss_fn = lambda batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     for step in range(steps):
         optimizer.zero_grad()
