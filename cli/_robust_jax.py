@@ -1,9 +1,8 @@
 """`tether robustness` on JAX: LeNet-5 from `flax.linen`, `tether.adapters.jax`'s methods.
 
-The orchestrator speaks PyTorch's layout (NCHW images, `(out, in, kh, kw)` convolutions,
-`(out, in)` linear weights named ``linear1.weight``); flax's is NHWC with `(kh, kw, in, out)`
-and `(in, out)` kernels. `to_flax` and `to_torch` convert the weights exactly, both ways, so
-that every method starts from the same pre-trained network and `‖θ − θ₀‖` is measured the same.
+The orchestrator speaks PyTorch's layout; flax's is channels-last. `to_flax` and `to_torch`
+convert the weights exactly, both ways (`_robust_layout`), so that every method starts from the
+same pre-trained network and `‖θ − θ₀‖` is measured the same.
 """
 
 import flax.linen as nn
@@ -13,6 +12,8 @@ import numpy as np
 import optax
 
 from tether.adapters.jax import adam_ftp, adam_spd, l2_sp, mars_sp, tpgm_init, tpgm_step
+
+from ._robust_layout import channels_first, channels_last
 
 #: PyTorch's AdamW defaults (optax's `adamw` decays by 1e-4 unless told).
 ADAMW_WEIGHT_DECAY, EPS = 1e-2, 1e-8
@@ -32,52 +33,16 @@ class LeNet5(nn.Module):
 
 
 ARCHITECTURES = {"lenet5": LeNet5}
-#: The `(channels, height, width)` of the activations that LeNet-5 flattens into `linear1`.
-FLATTENED = {"lenet5": {"linear1": (64, 7, 7)}}
 
 
 def to_flax(weights, architecture="lenet5"):
-    """PyTorch-layout weights (``{"conv1.weight": ...}``) as flax params (``{"conv1": {"kernel": ...}}``).
-
-    A convolution `(out, in, kh, kw)` becomes `(kh, kw, in, out)`, a linear weight `(out, in)`
-    becomes `(in, out)`; a linear layer fed by a flattened feature map also has its input
-    dimension reordered from PyTorch's `(c, h, w)` to NHWC's `(h, w, c)`.
-    """
-    flattened = FLATTENED[architecture]
-    params = {}
-    for name, value in weights.items():
-        layer, kind = name.rsplit(".", 1)
-        value = np.asarray(value, dtype=np.float32)
-        if kind == "bias":
-            params.setdefault(layer, {})["bias"] = jnp.asarray(value)
-            continue
-        if value.ndim == 4:
-            kernel = value.transpose(2, 3, 1, 0)
-        elif layer in flattened:
-            c, h, w = flattened[layer]
-            kernel = value.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
-        else:
-            kernel = value.T
-        params.setdefault(layer, {})["kernel"] = jnp.asarray(np.ascontiguousarray(kernel))
-    return params
+    """PyTorch-layout weights as flax params (``{"conv1": {"kernel": ...}}``): `channels_last`."""
+    return jax.tree.map(jnp.asarray, channels_last(weights, architecture))
 
 
 def to_torch(params, architecture="lenet5"):
     """Flax params as PyTorch-layout NumPy weights: `to_flax`'s inverse."""
-    flattened = FLATTENED[architecture]
-    weights = {}
-    for layer, leaves in params.items():
-        kernel = np.asarray(leaves["kernel"])
-        if kernel.ndim == 4:
-            weight = kernel.transpose(3, 2, 0, 1)
-        elif layer in flattened:
-            c, h, w = flattened[layer]
-            weight = kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w)
-        else:
-            weight = kernel.T
-        weights[f"{layer}.weight"] = np.ascontiguousarray(weight, dtype=np.float32)
-        weights[f"{layer}.bias"] = np.array(leaves["bias"], dtype=np.float32)
-    return weights
+    return channels_first(params, architecture)
 
 
 def _nhwc(x):
