@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch_helpers import BUILDERS
+from torch_helpers import BUILDERS, state_tensors
 
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 
@@ -259,15 +259,12 @@ def test_low_precision_parameters(kind, dtype):
         assert p.dtype == dtype
         assert torch.isfinite(p).all()
         torch.testing.assert_close(p.float(), q, rtol=0.05, atol=0.02)
-    state_dict = opt.state_dict()
-    states = [state_dict["state"]] + ([state_dict["base"]["state"]] if "base" in state_dict else [])
-    for state in states:
-        for values in state.values():
-            for key, value in values.items():
-                if key.startswith("radius") or key in ("step", "prev_inv_norm"):
-                    assert value.dtype == torch.float32, key
-                elif value.ndim:
-                    assert value.dtype == dtype, key
+    for name, value in state_tensors(opt.state_dict()).items():
+        key = name.split(":")[1].removeprefix("base.")
+        if key.startswith("radius") or key in ("step", "prev_inv_norm"):
+            assert value.dtype == torch.float32, key
+        elif value.ndim:
+            assert value.dtype == dtype, key
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -111,16 +111,23 @@ def resume_steps(problem, params, opt, scheduler, start, stop):
         opt.zero_grad()
 
 
+def state_tensors(state_dict):
+    """``{"index:key": tensor}`` of every state tensor, the wrapped optimizer's (``"base"``) as ``"index:base.key"``."""
+    out = {}
+    for i, values in state_dict["state"].items():
+        for k, v in values.items():
+            if k == "base":
+                out.update({f"{i}:base.{kb}": vb for kb, vb in v.items() if torch.is_tensor(vb)})
+            elif torch.is_tensor(v):
+                out[f"{i}:{k}"] = v
+    return out
+
+
 def snapshot(params, opt):
     """Every parameter and every state tensor, as CPU tensors, for a bit-for-bit comparison."""
     out = {f"param:{n}": p.detach().cpu().clone() for n, p in params.items()}
-    state_dict = opt.state_dict()
-    states = [state_dict["state"]] + ([state_dict["base"]["state"]] if "base" in state_dict else [])
-    for j, state in enumerate(states):
-        for i, values in state.items():
-            for k, v in values.items():
-                if torch.is_tensor(v):
-                    out[f"state{j}:{i}:{k}"] = v.detach().cpu().clone()
+    for key, value in state_tensors(opt.state_dict()).items():
+        out[f"state:{key}"] = value.detach().cpu().clone()
     return out
 
 
