@@ -87,10 +87,13 @@ def _check_lr_value(owner, lr):
         _number(owner, "lr", float(lr.detach().reshape(())), 0.0)
 
 
-def _lr(group):
-    """The group's ``lr`` as the kernels take it: a float or a 0-d tensor."""
+def _lr(group, device):
+    """The group's ``lr`` as the kernels take it: a float, or a 0-d tensor on the tensors' ``device``
+    (copied there without a wait if it is elsewhere)."""
     lr = group["lr"]
-    return lr.reshape(()) if isinstance(lr, torch.Tensor) and lr.ndim else lr
+    if not isinstance(lr, torch.Tensor):
+        return lr
+    return lr.reshape(()).to(device, non_blocking=True)
 
 
 def _flag(owner, name, value):
@@ -704,7 +707,7 @@ class AdamFTP(_AdamBase):
             self._anchors(group, states),
             states,
             t,
-            lr=_lr(group),
+            lr=_lr(group, params[0].device),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
@@ -768,7 +771,7 @@ class AdamSPD(_AdamBase):
             self._moments(states),
             self._anchors(group, states),
             t,
-            lr=_lr(group),
+            lr=_lr(group, params[0].device),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
@@ -863,7 +866,7 @@ class SGDFTP(_Fused):
             self._anchors(group, states),
             states,
             t,
-            lr=_lr(group),
+            lr=_lr(group, params[0].device),
             momentum=group["momentum"],
             dampening=group["dampening"],
             weight_decay=group["weight_decay"],

@@ -86,6 +86,41 @@ def test_bad_anchor_and_types():
 
 
 @pytest.mark.parametrize("cls", FUSED)
+def test_a_tensor_lr_follows_torch_optims_rules(cls):
+    """One floating-point value, as ``torch.optim.Adam`` takes it; its value is checked when it is set."""
+    net = model()
+    for lr in (torch.tensor(0.1), torch.tensor([0.1], dtype=torch.float64)):
+        cls(net.parameters(), lr=lr)
+    with pytest.raises(ValueError, match="one floating-point value"):
+        cls(net.parameters(), lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="one floating-point value"):
+        cls(net.parameters(), lr=torch.tensor(1))
+    with pytest.raises(ValueError, match="lr"):
+        cls(net.parameters(), lr=torch.tensor(-0.1))
+    opt = cls(net.parameters(), lr=torch.tensor(0.1))
+    state_dict = opt.state_dict()
+    state_dict["param_groups"][0]["lr"] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="lr"):
+        opt.load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("kind", ["AdamFTP", "SGDFTP", "AdamSPD"])
+def test_a_tensor_lr_equals_the_float(kind):
+    """A float64 tensor lr and the float: the same run at 1e-12 (Adam folds a tensor lr into its
+    denominator, so that it stays on the device). Its shape (1,) and a scheduler's ``fill_`` too."""
+    runs = []
+    for lr in (0.05, torch.tensor([0.05], dtype=torch.float64)):
+        net = model(dtype=torch.float64)
+        opt = BUILDERS[kind](net.parameters())
+        opt.param_groups[0]["lr"] = lr
+        scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=4)
+        train(opt, net, steps=6, scheduler=scheduler)
+        runs.append(params_of(net))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", FUSED)
 def test_sparse_and_complex_gradients_raise_before_any_update(cls):
     net = model()
     opt = cls(

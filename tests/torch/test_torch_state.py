@@ -1,5 +1,7 @@
-"""state_dict / load_state_dict: bit-for-bit resume in a fresh process, dtypes, and checks."""
+"""state_dict / load_state_dict: bit-for-bit resume in a fresh process, dtypes, and checks; copies."""
 
+import copy
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +115,28 @@ def test_load_names_the_parameter():
     state_dict["state"][0]["prev_displacement"] = torch.zeros(2)
     with pytest.raises(ValueError, match=r"encoder\.weight"):
         AdamFTP([("encoder.weight", torch.nn.Parameter(torch.randn(4, 3)))]).load_state_dict(state_dict)
+
+
+def _pickled(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("how", [copy.deepcopy, _pickled], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_a_copy_continues_as_the_original(kind, how):
+    """A copy of the optimizer with its parameters (``copy.deepcopy``, pickle) takes the same steps.
+
+    The wrappers lost the wrapped optimizer (torch.optim pickles the state and groups only):
+    ``AttributeError: 'FTP' object has no attribute 'optimizer'`` at the next step.
+    """
+    problem, params, opt, scheduler = resume_setup(kind)
+    resume_steps(problem, params, opt, scheduler, 0, 4)
+    twin_params, twin_opt = how((params, opt))
+    twin_scheduler = type(scheduler)(twin_opt, step_size=3, gamma=0.5)
+    twin_scheduler.load_state_dict(scheduler.state_dict())
+    if hasattr(opt, "optimizer"):  # one list of groups, shared with the wrapped optimizer's copy
+        assert twin_opt.param_groups is twin_opt.optimizer.param_groups
+        assert twin_opt.optimizer.param_groups[0]["params"][0] is twin_params["conv.weight"]
+    resume_steps(problem, params, opt, scheduler, 4, 10)
+    resume_steps(problem, twin_params, twin_opt, twin_scheduler, 4, 10)
+    assert_bitwise_equal(snapshot(params, opt), snapshot(twin_params, twin_opt))
