@@ -16,11 +16,11 @@ kernels' path, which takes only CPU tensors and never runs in a trace.
 
 The three ``*_step_`` functions are whole steps of one bucket (tensors of one device, dtype
 and anchor mode); `tether.adapters.torch` and, on the torch backend, `tether.adapters.keras`
-both call them. The tensors may be the local shards of sharded tensors (FSDP2's DTensors):
-then a `Shards` finishes every per-tensor sum across the ranks (``shards=``), the only
-place where a step communicates. On the CPU they make one pass over each tensor a block of rows at a time,
+both call them. On the CPU they make one pass over each tensor a block of rows at a time,
 and FTP's steps call the C kernels of ``adapters/_kernels.c`` where those were built (the
-end of this module).
+end of this module). The tensors may be the local shards of sharded tensors (FSDP2's
+DTensors): then a `Shards` (``shards=``) finishes every per-tensor sum across the ranks, the
+only place where a step communicates.
 """
 
 import array_api_compat.torch as compat_torch

@@ -65,7 +65,14 @@ class TPGM:
             nothing, or a model with no trainable (non-excluded) floating-point parameter.
     """
 
-    def __init__(self, model: torch.nn.Module, *, norm: str = "mars", lr: float = 1e-2, exclude=()):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        norm: str = "mars",
+        lr: float = 1e-2,
+        exclude: str | Iterable[str] = (),
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"TPGM: model must be a torch.nn.Module, got {type(model).__name__}")
         self.norm = core.check_norm(norm)

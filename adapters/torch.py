@@ -11,12 +11,12 @@ takes an ``anchor`` key:
 
 All state (anchor, moments, step count, radius and its moments, previous displacement) lives in
 ``optimizer.state[p]``, so ``state_dict()`` / ``load_state_dict()`` carry it and a resumed run
-continues bit for bit, through ``torch.distributed.checkpoint`` too. Parameters may be DTensors
-(FSDP2's ``fully_shard``, ``distribute_tensor``): a step runs on the local shards, and the
-per-tensor statistics are summed across the ranks by a few collectives per step. The arithmetic is `tether.core`'s: per-tensor scalar rules are core
-calls on stacked vectors, and the full-size passes are kernels checked against the core
-(``adapters/_torch_ops.py``): on the CPU one pass over each tensor a block of rows at a time,
-elsewhere multi-tensor (``torch._foreach_*``) ops.
+continues bit for bit, through ``torch.distributed.checkpoint`` too. The arithmetic is
+`tether.core`'s: per-tensor scalar rules are core calls on stacked vectors, and the full-size
+passes are kernels checked against the core (``adapters/_torch_ops.py``): on the CPU one pass
+over each tensor a block of rows at a time, elsewhere multi-tensor (``torch._foreach_*``) ops.
+Parameters may be DTensors (FSDP2's ``fully_shard``, ``distribute_tensor``): a step runs on
+the local shards, and a few collectives per step sum the per-tensor statistics across the ranks.
 """
 
 import math
@@ -61,7 +61,9 @@ def _number(owner, name, value, low, high=None, *, high_open=False):
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a Python float, got {type(value).__name__}")
     too_high = high is not None and (value >= high if high_open else value > high)
-    if not math.isfinite(value) or not value >= low or too_high:
+    # comparisons, not math.isfinite: a float that torch.compile made an input (a scheduler's
+    # momentum) is compared in the graph, and isfinite would break it
+    if not low <= value < math.inf or too_high:
         bound = f"[{low}, {high})" if high_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
         raise ValueError(f"{owner}: invalid {name} {value!r}; it must be finite and {bound}")
 

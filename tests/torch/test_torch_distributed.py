@@ -129,6 +129,19 @@ def test_zero_redundancy_optimizer_equals_one_process(parity, kind):
     _assert_parity(parity, ("zero", kind, "cpu"))
 
 
+@pytest.mark.parametrize("name", ["fsdp2", "zero"])
+def test_the_pages_snippets_equal_one_process(parity, name):
+    """docs/scale.md's snippets, run on 2 ranks, and in one process with their distributed pieces
+    taken out (the model itself for ``fully_shard`` and DDP, the class for ZeRO)."""
+    _assert_parity(parity, ("docs", name, "cpu"))
+
+
+def test_a_state_dict_of_plain_tensors_is_refused_for_dtensor_parameters(parity):
+    message = parity[0]["refusal"]
+    assert message is not None, "the plain tensors were loaded into DTensor parameters' state"
+    assert "a plain tensor" in message and "torch.distributed.checkpoint" in message
+
+
 @pytest.mark.parametrize("use_orig_params", [False, True])
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_fsdp1_flat_parameters_are_refused(parity, kind, use_orig_params):

@@ -8,13 +8,14 @@ for the results. Phases:
 - ``parity``: every class under FSDP2, on DTensors made with ``distribute_tensor``, under DDP and
   under ``ZeroRedundancyOptimizer``, each beside a single-process run of the same data (rank 0
   writes ``OUT/parity.pt``: the distributed run's parameters, gathered, and the single
-  process's); each on the CPU's path and on the accelerators' (no scratch, no C kernels). Also
-  what each class says to FSDP1's flattened parameters (``OUT/fsdp1.pt``).
+  process's); each on the CPU's path and on the accelerators' (no scratch, no C kernels). The
+  snippets of ``docs/scale.md`` the same way; what each class says to FSDP1's flattened
+  parameters (``OUT/fsdp1.pt``) and to a state dict of plain tensors.
 - ``save``: every class under DDP and FSDP2 runs `SPLIT` steps, saves with
-  ``torch.distributed.checkpoint``, runs to `STEPS`; each rank writes its shards of the
-  parameters and state (``OUT/{mode}-{kind}-{rank}.expected.pt``).
-- ``load``: fresh processes build another model and optimizer, load the checkpoint, run from
-  `SPLIT` to `STEPS` and write ``OUT/{mode}-{kind}-{rank}.resumed.pt``.
+  ``torch.distributed.checkpoint`` (the page's snippet), runs to `STEPS`; each rank writes its
+  shards of the parameters and state (``OUT/{mode}-{kind}-{rank}.expected.pt``).
+- ``load``: fresh processes build another model and optimizer, load the checkpoint (the page's
+  snippet), run from `SPLIT` to `STEPS` and write ``OUT/{mode}-{kind}-{rank}.resumed.pt``.
 """
 
 import sys
@@ -24,13 +25,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+import torch.distributed.optim
+import torch.nn.parallel
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
-from torch_helpers import BUILDERS, make_params, named_groups, set_grads
+from torch_helpers import BUILDERS, make_params, named_groups, set_grads, snippet
 
 from tether.adapters import _torch_ops
 from tether.adapters import torch as tether_torch
@@ -230,6 +231,67 @@ def dtensor_reference(kind):
     return [p.detach().clone() for p in params.values()]
 
 
+class patched:
+    """Module attributes replaced within a block: ``(module, name, value)`` each."""
+
+    def __init__(self, replacements):
+        self.replacements = replacements
+
+    def __enter__(self):
+        self.saved = [(module, name, getattr(module, name)) for module, name, _ in self.replacements]
+        for module, name, value in self.replacements:
+            setattr(module, name, value)
+
+    def __exit__(self, *exc):
+        for module, name, value in self.saved:
+            setattr(module, name, value)
+
+
+#: What the distributed pieces of each snippet of docs/scale.md are in one process.
+ONE_PROCESS = {
+    "fsdp2": [(torch.distributed.fsdp, "fully_shard", lambda module: module)],
+    "zero": [
+        (torch.nn.parallel, "DistributedDataParallel", lambda module: module),
+        (
+            torch.distributed.optim,
+            "ZeroRedundancyOptimizer",
+            lambda params, optimizer_class, **kwargs: optimizer_class(params, **kwargs),
+        ),
+    ],
+}
+
+
+def docs_run(name, rank):
+    """The page's snippet ``name`` makes ``model`` and ``optimizer``; the steps of the model runs."""
+    namespace = {"model": model()}
+    exec(snippet(name), namespace)
+    train(namespace["model"], namespace["optimizer"], 0, STEPS, ranks=(rank,))
+    return [full(p).detach().clone() for p in namespace["model"].parameters()]
+
+
+def docs_reference(name):
+    namespace = {"model": model()}
+    with patched(ONE_PROCESS[name]):
+        exec(snippet(name), namespace)
+    train(namespace["model"], namespace["optimizer"], 0, STEPS, ranks=(0, 1))
+    return [p.detach().clone() for p in namespace["model"].parameters()]
+
+
+def plain_state_refused(rank, mesh):
+    """What an optimizer of DTensor parameters says to a state dict of plain (gathered) tensors."""
+    net = model()
+    fully_shard(net, mesh=mesh)
+    opt = BUILDERS["AdamFTP"](groups(net))
+    train(net, opt, 0, 1, ranks=(rank,))
+    state_dict = opt.state_dict()
+    state_dict["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in state_dict["state"].items()}
+    try:
+        opt.load_state_dict(state_dict)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def attempt(run, *args):
     """``run(*args)``, or the error it raised as text (the next cases still run, and report their own)."""
     try:
@@ -249,16 +311,19 @@ def parity(rank, out):
             results["dtensor", kind, path] = attempt(on_path, path, dtensor_run, kind, mesh)
         results["ddp", kind, "cpu"] = attempt(ddp_run, kind, rank)
         results["zero", kind, "cpu"] = attempt(zero_run, kind, rank)
+    for name in ONE_PROCESS:
+        results["docs", name, "cpu"] = attempt(docs_run, name, rank)
+    refusal = attempt(plain_state_refused, rank, mesh)
     if rank == 0:
         start = [p.detach().clone() for p in model().parameters()]
         problem = dtensor_problem()
         starts = {"dtensor": [p.detach().clone() for p in make_params(problem).values()]}
-        references = {"zero": zero_reference, "dtensor": dtensor_reference}
+        references = {"zero": zero_reference, "dtensor": dtensor_reference, "docs": docs_reference}
         saved = {
             (mode, kind, path): (got, references.get(mode, reference)(kind), starts.get(mode, start))
             for (mode, kind, path), got in results.items()
         }
-        torch.save({"runs": saved, "collectives": collectives}, out / "parity.pt")
+        torch.save({"runs": saved, "collectives": collectives, "refusal": refusal}, out / "parity.pt")
     fsdp1 = {}
     for use_orig_params in (False, True):
         net = FullyShardedDataParallel(
@@ -308,8 +373,7 @@ def save(rank, out):
             run, net = wrapped(mode, 0, mesh)
             opt = BUILDERS[kind](groups(net))
             train(run, opt, 0, SPLIT, ranks=(rank,))
-            model_state, optim_state = get_state_dict(net, opt)
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=out / f"{mode}-{kind}")
+            exec(snippet("dcp-save"), {"model": net, "optimizer": opt, "path": out / f"{mode}-{kind}"})
             train(run, opt, SPLIT, STEPS, ranks=(rank,))
             torch.save(local_snapshot(net, opt), out / f"{mode}-{kind}-{rank}.expected.pt")
 
@@ -320,10 +384,7 @@ def load(rank, out):
         for kind in BUILDERS:
             run, net = wrapped(mode, 1, mesh)  # another start: everything must come from the checkpoint
             opt = BUILDERS[kind](groups(net))
-            model_state, optim_state = get_state_dict(net, opt)
-            state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, checkpoint_id=out / f"{mode}-{kind}")
-            set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            exec(snippet("dcp-load"), {"model": net, "optimizer": opt, "path": out / f"{mode}-{kind}"})
             train(run, opt, SPLIT, STEPS, ranks=(rank,))
             torch.save(local_snapshot(net, opt), out / f"{mode}-{kind}-{rank}.resumed.pt")
 

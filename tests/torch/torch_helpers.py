@@ -1,6 +1,8 @@
 """Shared builders for the torch adapter's tests (imported by the tests and by the resume child)."""
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +158,15 @@ def require_kernels():
             pytest.fail("tether.adapters._kernels was not built (TETHER_REQUIRE_KERNELS=1)")
         pytest.skip("tether.adapters._kernels was not built (no C compiler at install)")
     return _torch_ops._kernels
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def snippet(name, page="scale.md"):
+    """The Python code block that follows ``<!-- snippet: name -->`` in ``docs/page``: the tests run it."""
+    text = (DOCS / page).read_text()
+    match = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```python\n(.*?)```", text, re.DOTALL)
+    if match is None:
+        raise LookupError(f"docs/{page} has no snippet {name!r}")
+    return match.group(1)
