@@ -981,6 +981,9 @@ class _Wrapper(_Anchored):
 
     def _load_base(self, state_dict):
         owner = type(self).__name__
+        if "base" in state_dict:  # saved before the wrapped optimizer's state moved into each tensor's
+            self.optimizer.load_state_dict(state_dict["base"])
+            return
         base = {}
         for key, values in state_dict["state"].items():
             if "base" in values:

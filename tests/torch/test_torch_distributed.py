@@ -136,10 +136,14 @@ def test_the_pages_snippets_equal_one_process(parity, name):
     _assert_parity(parity, ("docs", name, "cpu"))
 
 
-def test_a_state_dict_of_plain_tensors_is_refused_for_dtensor_parameters(parity):
-    message = parity[0]["refusal"]
-    assert message is not None, "the plain tensors were loaded into DTensor parameters' state"
-    assert "a plain tensor" in message and "torch.distributed.checkpoint" in message
+def test_a_state_dict_of_plain_tensors_is_refused_for_dtensor_parameters_and_the_reverse(parity):
+    if isinstance(parity[0]["refusal"], str):
+        pytest.fail(f"the distributed run raised:\n{parity[0]['refusal']}")
+    plain_into_sharded, sharded_into_plain = parity[0]["refusal"]
+    assert plain_into_sharded is not None, "plain tensors were loaded as DTensor parameters' state"
+    assert "is a plain tensor" in plain_into_sharded and "torch.distributed.checkpoint" in plain_into_sharded
+    assert sharded_into_plain is not None, "DTensors were loaded as plain parameters' state"
+    assert "is a DTensor" in sharded_into_plain
 
 
 @pytest.mark.parametrize("use_orig_params", [False, True])

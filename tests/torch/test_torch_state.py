@@ -140,3 +140,24 @@ def test_a_copy_continues_as_the_original(kind, how):
     resume_steps(problem, params, opt, scheduler, 4, 10)
     resume_steps(problem, twin_params, twin_opt, twin_scheduler, 4, 10)
     assert_bitwise_equal(snapshot(params, opt), snapshot(twin_params, twin_opt))
+
+
+@pytest.mark.parametrize("kind", ["FTP", "SPD", "L2SP", "MARSSP"])
+def test_a_wrapper_loads_the_layout_with_a_top_level_base(kind):
+    """A wrapper's state dict used to hold the wrapped optimizer's as a whole, under a top-level
+    ``"base"`` key (torch.distributed.checkpoint keeps only ``state`` and ``param_groups``); such a
+    state dict still resumes bit for bit."""
+    problem, params, opt, scheduler = resume_setup(kind)
+    resume_steps(problem, params, opt, scheduler, 0, 4)
+    state_dict = copy.deepcopy(opt.state_dict())
+    base = {i: values.pop("base") for i, values in state_dict["state"].items() if "base" in values}
+    state_dict["base"] = {"state": base, "param_groups": copy.deepcopy(state_dict["param_groups"])}
+    _, twin_params, twin, twin_scheduler = resume_setup(kind)
+    with torch.no_grad():
+        for n, p in twin_params.items():
+            p.copy_(params[n])
+    twin.load_state_dict(state_dict)
+    twin_scheduler.load_state_dict(scheduler.state_dict())
+    resume_steps(problem, params, opt, scheduler, 4, 10)
+    resume_steps(problem, twin_params, twin, twin_scheduler, 4, 10)
+    assert_bitwise_equal(snapshot(params, opt), snapshot(twin_params, twin))

@@ -278,18 +278,22 @@ def docs_reference(name):
 
 
 def plain_state_refused(rank, mesh):
-    """What an optimizer of DTensor parameters says to a state dict of plain (gathered) tensors."""
+    """What an optimizer of DTensor parameters says to a state dict of plain (gathered) tensors,
+    and an optimizer of plain parameters to one of DTensors."""
     net = model()
     fully_shard(net, mesh=mesh)
     opt = BUILDERS["AdamFTP"](groups(net))
     train(net, opt, 0, 1, ranks=(rank,))
-    state_dict = opt.state_dict()
-    state_dict["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in state_dict["state"].items()}
-    try:
-        opt.load_state_dict(state_dict)
-    except ValueError as error:
-        return str(error)
-    return None
+    sharded = opt.state_dict()
+    plain = {**sharded, "state": {i: {k: full(v) for k, v in s.items()} for i, s in sharded["state"].items()}}
+    messages = []
+    for target, state_dict in ((opt, plain), (BUILDERS["AdamFTP"](groups(model())), sharded)):
+        try:
+            target.load_state_dict(state_dict)
+            messages.append(None)
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
 
 
 def attempt(run, *args):
