@@ -16,7 +16,8 @@
  *
  *   sgd_ftp_displace: ∇γ = Σ_r s_r Σ_j (c_prev ⊙ g)_rj, the SGD step (weight decay, momentum,
  *                     dampening, Nesterov as torch.optim.SGD), c = (θ − θ₀) − lr·d written over
- *                     c_prev, and n_r = Σ_j |c_rj| + 1e-8. Returns (∇γ, max_r n_r).
+ *                     c_prev, and the row sums Σ_j |c_rj|. Returns ∇γ. (The norms' 1e-8 and
+ *                     max n are `_torch_ops`'s: for a shard, the row sums are partial.)
  *   ftp_project:      θ = θ₀ + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r.
  *   dot:              Σ a · b over a whole tensor (Σ a² without b), in spans of SPAN values
  *                     whose sums are added up in order: the same bits for any thread count
@@ -44,8 +45,6 @@
 #define STREAM_BYTES (4L << 20)
 /* Tensors with fewer values run on one thread: a parallel region costs more than they do. */
 #define PARALLEL_MIN (1L << 16)
-/* NORM_EPS of tether.core.ftp */
-#define NORM_EPS 1e-8
 /* Values per span of `dot`: each span is summed by one thread, the spans' sums in order. */
 #define SPAN (1L << 14)
 /* How far ahead (values) `displace` prefetches its five streams: its sweep took about 8% less
@@ -133,20 +132,17 @@ static PyObject *sgd_ftp_displace(PyObject *self, PyObject *args) {
                           &cols, &lr, &momentum, &coef, &wd, &nesterov, &threads))
         return NULL;
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
-    double *dots = (double *)dots_address, grad = 0, max_norm = 0;
+    double *dots = (double *)dots_address, grad = 0;
     Py_BEGIN_ALLOW_THREADS;
-    if (dtype == 0) {
+    if (dtype == 0)
         displace_f32((float *)p, (const float *)g, (float *)b, (const float *)a, (float *)c, (const float *)s,
                      (float *)n, dots, rows, cols, lr, momentum, coef, wd, nesterov, threads);
-        max_norm = max_of_f32((const float *)n, rows);
-    } else {
+    else
         displace_f64((double *)p, (const double *)g, (double *)b, (const double *)a, (double *)c,
                      (const double *)s, (double *)n, dots, rows, cols, lr, momentum, coef, wd, nesterov, threads);
-        max_norm = max_of_f64((const double *)n, rows);
-    }
     for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
     Py_END_ALLOW_THREADS;
-    return Py_BuildValue("dd", grad, max_norm);
+    return PyFloat_FromDouble(grad);
 }
 
 static PyObject *ftp_project(PyObject *self, PyObject *args) {
@@ -193,10 +189,10 @@ static PyObject *dot(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"sgd_ftp_displace", sgd_ftp_displace, METH_VARARGS,
      "sgd_ftp_displace(dtype, p, g, b, a, c, s, n, dots, rows, cols, lr, momentum, coef, weight_decay, "
-     "nesterov, threads) -> (radius_grad, max_norm)\n\n"
+     "nesterov, threads) -> radius_grad\n\n"
      "One tensor's SGD step and FTP statistics in one sweep (addresses as integers; b = 0 without momentum, "
-     "a = 0 for a zero anchor); c_prev is overwritten by c, n receives MARS(c) + 1e-8, and dots (rows "
-     "float64 values) is scratch."},
+     "a = 0 for a zero anchor); c_prev is overwritten by c, n receives MARS(c) (the row sums of |c|), and "
+     "dots (rows float64 values) is scratch."},
     {"ftp_project", ftp_project, METH_VARARGS,
      "ftp_project(dtype, p, a, c, n, s, radius, rows, cols, threads) -> None\n\n"
      "p = a + clip(radius / n_r, 0, 1) * c_r (a = 0: a zero anchor) and s_r = 1 / n_r."},
@@ -266,7 +262,7 @@ static inline __attribute__((always_inline)) T NAME(displace_row)(
     return (T)(l1_sum + l1_tail);
 }
 
-/* sgd_ftp_displace for one tensor: dots_r = s_r · ⟨c_prev, g⟩_r and n_r = Σ_j |c_rj| + 1e-8. */
+/* sgd_ftp_displace for one tensor: dots_r = s_r · ⟨c_prev, g⟩_r and n_r = Σ_j |c_rj|. */
 static void NAME(displace)(T *p, const T *g, T *b, const T *a, T *c, const T *s, T *n, double *dots,
                            Py_ssize_t rows, Py_ssize_t cols, double lr_, double momentum_, double coef_,
                            double wd_, int nesterov, int threads) {
@@ -288,7 +284,7 @@ static void NAME(displace)(T *p, const T *g, T *b, const T *a, T *c, const T *s,
             l1 = NAME(displace_row)(pr, gr, br, ar, cr, cols, lr, m, coef, wd, has_momentum, has_anchor, has_wd,
                                     nesterov, &dot);
         dots[r] = (double)(s[r] * dot);
-        n[r] = l1 + (T)NORM_EPS;
+        n[r] = l1;
     }
 }
 
@@ -372,16 +368,6 @@ static double NAME(dot)(const T *a, const T *b, Py_ssize_t n, int threads) {
     for (Py_ssize_t k = 0; k < spans; k++) total += sums[k];
     free(sums);
     return total;
-}
-
-/* The largest of `n[0..rows)`, or NaN if any is NaN (as torch.max). */
-static double NAME(max_of)(const T *n, Py_ssize_t rows) {
-    double result = n[0];
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        if (isnan(n[r])) return n[r];
-        if (n[r] > result) result = n[r];
-    }
-    return result;
 }
 
 #undef DISPLACE_ONE

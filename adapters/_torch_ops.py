@@ -18,7 +18,9 @@ The three ``*_step_`` functions are whole steps of one bucket (tensors of one de
 and anchor mode); `tether.adapters.torch` and, on the torch backend, `tether.adapters.keras`
 both call them. On the CPU they make one pass over each tensor a block of rows at a time,
 and FTP's steps call the C kernels of ``adapters/_kernels.c`` where those were built (the
-end of this module).
+end of this module). The tensors may be the local shards of sharded tensors (FSDP2's
+DTensors): then a `Shards` (``shards=``) finishes every per-tensor sum across the ranks, the
+only place where a step communicates.
 """
 
 import array_api_compat.torch as compat_torch
@@ -72,10 +74,11 @@ def total(x):
 def row_sum(x):
     """The MARS reduction of ``x`` (``core.norms._row_sum``): the sum over every axis but the first.
 
-    Of `statistics_dtype`; a single row (a vector, or one row of a matrix) is summed by `total`.
+    Of `statistics_dtype`, a new tensor; a single row (a vector, or one row of a matrix) is
+    summed by `total`.
     """
     if x.ndim == 0:
-        return x.to(statistics_dtype(x.dtype))
+        return x.to(statistics_dtype(x.dtype), copy=True)
     if x.ndim == 1 or x.shape[0] == 1:
         return total(x).reshape(mars_shape(x))
     return x.sum(dim=tuple(range(1, x.ndim)), keepdim=True, dtype=statistics_dtype(x.dtype))
@@ -110,6 +113,76 @@ def norms(tensors, scratch=None):
     if tensors[0].device.type != "cpu":
         return torch.stack(torch._foreach_norm(tensors, dtype=statistics_dtype(tensors[0].dtype)))
     return torch.sqrt(torch.stack([dot(x, x, scratch) for x in tensors]))
+
+
+def squared_norms(tensors, scratch=None):
+    """``‖x‖₂²`` of each tensor, stacked into a vector of `statistics_dtype`: sums that add up across shards."""
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, dtype=statistics_dtype(tensors[0].dtype))).square()
+    return torch.stack([dot(x, x, scratch) for x in tensors])
+
+
+def _largest(x):
+    """``max x``, or 0 for an empty shard (the norms it is compared with are positive)."""
+    return x.max() if x.numel() else x.new_zeros(())
+
+
+class Shards:
+    """The collectives that finish a bucket's per-tensor sums when its tensors are shards.
+
+    The steps run on the local shards of sharded tensors (``DTensor.to_local()``); a sum over
+    a whole tensor (``⟨g, c⟩``, ``‖c‖²``, ``∇γ``) is then a partial sum on each rank, and so is
+    a MARS row sum where the tensor is split along an axis that MARS sums over. ``layouts[i]``
+    is ``(whole, rows)`` for the bucket's tensor ``i``: the process groups across which its
+    whole-tensor sums are partial (every mesh dimension that shards it), and those across which
+    its row sums are (a mesh dimension that splits a vector, or a matrix along another axis
+    than its rows). Each call makes one all-reduce per process group (and dtype), whatever the
+    number of tensors; a tensor sharded along two mesh dimensions is reduced along one, then
+    the other.
+    """
+
+    def __init__(self, layouts):
+        self.layouts = layouts
+
+    def sums(self, whole=None, rows=None):
+        """``(whole, rows)`` summed across the ranks that hold parts of each tensor.
+
+        ``whole`` is ``None`` or has one entry per tensor along its first axis (a sum over the
+        whole tensor, or a few); ``rows`` is ``None`` or a list of each tensor's MARS row sums.
+        """
+        pieces = []
+        if whole is not None:
+            pieces += [(w, groups) for w, (groups, _) in zip(whole.unbind(0), self.layouts, strict=True)]
+        if rows is not None:
+            pieces += [(r, groups) for r, (_, groups) in zip(rows, self.layouts, strict=True)]
+        values = self._all_reduce(pieces, "sum")
+        if whole is not None:
+            whole, values = torch.stack(values[: len(self.layouts)]), values[len(self.layouts) :]
+        return whole, None if rows is None else values
+
+    def largest(self, values):
+        """The largest of each tensor's local maxima (a vector) across the ranks that hold its rows."""
+        return torch.stack(self._all_reduce(list(zip(values.unbind(0), (w for w, _ in self.layouts))), "max"))
+
+    @staticmethod
+    def _all_reduce(pieces, op):
+        """Each ``(tensor, groups)`` reduced across its groups in turn, a flat buffer per group and dtype."""
+        import torch.distributed as dist
+
+        op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        values = [value for value, _ in pieces]
+        for turn in range(max((len(groups) for _, groups in pieces), default=0)):
+            batches = {}
+            for i, (_, groups) in enumerate(pieces):
+                if turn < len(groups):
+                    batches.setdefault((groups[turn], values[i].dtype), []).append(i)
+            for (group, _), indices in batches.items():
+                flat = torch.cat([values[i].reshape(-1) for i in indices])
+                dist.all_reduce(flat, op=op, group=group)
+                parts = flat.split([values[i].numel() for i in indices])
+                for i, part in zip(indices, parts, strict=True):
+                    values[i] = part.view(values[i].shape)
+        return values
 
 
 def steps_vector(steps, dtype):
@@ -283,8 +356,8 @@ def sgd_updates(params, grads, buffers, t, *, momentum, dampening, weight_decay,
 # -- FTP (ALGORITHMS.md §4) ---------------------------------------------------------------
 
 
-def radius_gradients_(grads, prev_displacements, prev_inv_norms, *, k):
-    r"""``∇γ = Σ rowdot(g, c_prev) ⊙ s_prev`` per tensor, positive values times ``k``; a vector.
+def radius_gradients_(grads, prev_displacements, prev_inv_norms):
+    r"""``∇γ = Σ rowdot(g, c_prev) ⊙ s_prev`` per tensor, a vector, not yet damped (`ftp_project_` damps it).
 
     Destroys ``prev_displacements`` (``c_prev ← g ⊙ c_prev`` in place, then summed per row,
     a block of rows at a time on the CPU): the caller writes this step's displacement into
@@ -293,7 +366,7 @@ def radius_gradients_(grads, prev_displacements, prev_inv_norms, *, k):
     values = []
     for g, c, s in zip(grads, prev_displacements, prev_inv_norms, strict=True):
         values.append(_sum([_radius_gradient_piece(g_b, c_b, s_b) for g_b, c_b, s_b in row_blocks(g, c, s)]))
-    return damp_radius_gradient(torch.stack(values), k, xp=xp)
+    return torch.stack(values)
 
 
 def _radius_gradient_piece(g, c, s):
@@ -313,25 +386,26 @@ def displacements_into(buffers, params, anchors):
     return buffers
 
 
-def _mars_norms(displacement, param, scratch):
-    """``MARS(c) + 1e-8``: ``|c|`` into ``scratch`` a block of rows at a time, else into ``param``."""
+def _mars_sums(displacement, param, scratch):
+    """``MARS(c)``, the row sums of ``|c|``: ``|c|`` into ``scratch`` a block of rows at a time, else into ``param``."""
     if scratch is None:
-        return row_sum(torch.abs(displacement, out=param)) + NORM_EPS
-    return _cat([row_sum(torch.abs(c, out=scratch.like(c))) for (c,) in row_blocks(displacement)]) + NORM_EPS
+        return row_sum(torch.abs(displacement, out=param))
+    return _cat([row_sum(torch.abs(c, out=scratch.like(c))) for (c,) in row_blocks(displacement)])
 
 
-def ftp_finish(params, anchors, displacements, radius_grads, t, states, scratch=None):
+def ftp_finish(params, anchors, displacements, radius_grads, t, states, *, k, scratch=None, shards=None):
     r"""FTP's projection after the base step, given ``c = θ̃ − θ₀`` per tensor (ALGORITHMS.md §4).
 
     ``n = MARS(c) + 1e-8``; the radii take one step of their own Adam (``core.radius_update``
-    on the stacked scalars); ``θ ← θ₀ + clip(γ / n, 0, 1) ⊙ c``. ``states`` are the tensors'
-    ``optimizer.state`` dicts: ``radius``, its moments and ``prev_inv_norm`` are updated in
-    place, and ``prev_displacement`` must already be the buffer holding ``c``. ``|c|`` goes
-    into ``scratch`` (a `Scratch`, on the CPU) a block of rows at a time, or else into the
-    parameters, before they receive the projection: nothing full-size is allocated.
+    on the stacked scalars) on ``radius_grads`` (`radius_gradients_`); ``θ ← θ₀ + clip(γ / n,
+    0, 1) ⊙ c``. ``states`` are the tensors' ``optimizer.state`` dicts: ``radius``, its moments
+    and ``prev_inv_norm`` are updated in place, and ``prev_displacement`` must already be the
+    buffer holding ``c``. ``|c|`` goes into ``scratch`` (a `Scratch`, on the CPU) a block of
+    rows at a time, or else into the parameters, before they receive the projection: nothing
+    full-size is allocated. ``shards``: a `Shards` when the tensors are local shards.
     """
-    norm_list = [_mars_norms(c, p, scratch) for p, c in zip(params, displacements, strict=True)]
-    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, states)
+    row_sums = [_mars_sums(c, p, scratch) for p, c in zip(params, displacements, strict=True)]
+    ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, states, k=k, shards=shards)
 
 
 def radius_step_(states, radius_grads, max_norms, t):
@@ -351,9 +425,21 @@ def radius_step_(states, radius_grads, max_norms, t):
     return updated[0]
 
 
-def ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, states):
-    """`ftp_finish` given the norms ``n = MARS(c) + 1e-8``: the radius step, then the projection."""
-    radii = radius_step_(states, radius_grads, torch.stack([n.max() for n in norm_list]), t)
+def ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, states, *, k, shards=None):
+    """`ftp_finish` given each tensor's row sums ``MARS(c)`` and undamped ``∇γ`` (a vector).
+
+    With ``shards`` (a `Shards`), both are this rank's partial sums: they are summed across
+    the ranks first, and ``max n`` taken across them, before ``n = MARS(c) + 1e-8``, the
+    damping of ``∇γ``, the radius step and the projection.
+    """
+    if shards is not None:
+        radius_grads, row_sums = shards.sums(radius_grads, row_sums)
+    norm_list = [r + NORM_EPS for r in row_sums]
+    max_norms = torch.stack([_largest(n) for n in norm_list])
+    if shards is not None:
+        max_norms = shards.largest(max_norms)
+    radius_grads = damp_radius_gradient(radius_grads, k, xp=xp)
+    radii = radius_step_(states, radius_grads, max_norms, t)
     if kernels_take(params, anchors, displacements, norm_list, [s["prev_inv_norm"] for s in states]):
         _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states)
         return
@@ -369,6 +455,14 @@ def ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, sta
 
 
 # -- SPD (ALGORITHMS.md §5) ---------------------------------------------------------------
+
+
+def spd_statistics(alignment, squared_distance, new_squared_distance, shards=None):
+    """``(⟨g, θ − θ₀⟩, ‖θ − θ₀‖₂, ‖θ̃ − θ₀‖₂)`` per tensor from the sums, finished across ranks by ``shards``."""
+    if shards is not None:
+        sums, _ = shards.sums(torch.stack([alignment, squared_distance, new_squared_distance], 1))
+        alignment, squared_distance, new_squared_distance = sums.unbind(1)
+    return alignment, torch.sqrt(squared_distance), torch.sqrt(new_squared_distance)
 
 
 def spd_keep(alignment, distance, new_distance, weight_decay):
@@ -399,7 +493,7 @@ def spd_decay_(params, anchors, keep):
 
 
 def spd_measure(params, anchors, grads=None, scratch=None):
-    """``(⟨g, θ − θ₀⟩, ‖θ − θ₀‖₂)`` per tensor, stacked; the alignment is ``None`` without ``grads``.
+    """``(⟨g, θ − θ₀⟩, ‖θ − θ₀‖₂²)`` per tensor, stacked; the alignment is ``None`` without ``grads``.
 
     ``θ − θ₀`` (``θ`` for a zero anchor, ``anchors`` entries ``None``) is made a block of rows
     at a time (into ``scratch``, a `Scratch`, on the CPU), never for every tensor at once: the
@@ -420,7 +514,7 @@ def spd_measure(params, anchors, grads=None, scratch=None):
             alignments.append(_sum(aligned))
         squares.append(_sum(squared))
     alignment = torch.stack(alignments) if grads is not None else None
-    return alignment, torch.sqrt(torch.stack(squares))
+    return alignment, torch.stack(squares)
 
 
 def decay_toward_anchors_(params, anchors, strength):
@@ -457,6 +551,7 @@ def adam_ftp_step_(
     amsgrad,
     k,
     scratch=None,
+    shards=None,
 ):
     """One Adam-FTP step of a bucket, in place (ALGORITHMS.md §3, §4).
 
@@ -464,11 +559,14 @@ def adam_ftp_step_(
     bucket is unanchored and takes the plain AdamW step; otherwise one ``θ₀`` per tensor (or
     ``None`` per tensor for a zero anchor), and ``ftp_states`` are dicts holding ``radius``,
     ``radius_exp_avg``, ``radius_exp_avg_sq``, ``prev_displacement`` and ``prev_inv_norm``.
-    With a ``scratch`` (a `Scratch`: CPU tensors) the step is the CPU's single pass.
+    With a ``scratch`` (a `Scratch`: CPU tensors) the step is the CPU's single pass. With
+    ``shards`` (a `Shards`) the tensors are the local shards of sharded tensors.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
     if scratch is not None:
-        _adam_ftp_blocks_(params, grads, moments, anchors, ftp_states, t, k=k, scratch=scratch, **hyper)
+        _adam_ftp_blocks_(
+            params, grads, moments, anchors, ftp_states, t, k=k, scratch=scratch, shards=shards, **hyper
+        )
         return
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
     second = adam_moments(
@@ -481,13 +579,13 @@ def adam_ftp_step_(
         adam_update_(params, exp_avgs, second, t, **adam)
         return
     buffers = [s["prev_displacement"] for s in ftp_states]
-    radius_grads = radius_gradients_(grads, buffers, [s["prev_inv_norm"] for s in ftp_states], k=k)
+    radius_grads = radius_gradients_(grads, buffers, [s["prev_inv_norm"] for s in ftp_states])
     if weight_decay != 0:
         # θ − lr·wd·θ in place: the parameters are only read again for c, then overwritten
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     displacements = displacements_into(buffers, params, anchors)
     adam_update_(displacements, exp_avgs, second, t, **adam)
-    ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states)
+    ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states, k=k, shards=shards)
 
 
 def sgd_ftp_step_(
@@ -505,24 +603,27 @@ def sgd_ftp_step_(
     nesterov,
     k,
     scratch=None,
+    shards=None,
 ):
     """One SGD-FTP step of a bucket, in place (ALGORITHMS.md §3, §4); ``buffers``: momentum buffers.
 
-    ``anchors``, ``ftp_states`` and ``scratch`` as in `adam_ftp_step_`.
+    ``anchors``, ``ftp_states``, ``scratch`` and ``shards`` as in `adam_ftp_step_`.
     """
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     if scratch is not None and anchors is not None:
         displacements = [s["prev_displacement"] for s in ftp_states]
         inv_norms = [s["prev_inv_norm"] for s in ftp_states]
         if kernels_take(params, grads, buffers, anchors, displacements, inv_norms):
-            _sgd_ftp_kernels_(params, grads, buffers, anchors, ftp_states, t, **hyper, k=k)
+            _sgd_ftp_kernels_(params, grads, buffers, anchors, ftp_states, t, **hyper, k=k, shards=shards)
             return
     if scratch is not None:
-        _sgd_ftp_blocks_(params, grads, buffers, anchors, ftp_states, t, **hyper, k=k, scratch=scratch)
+        _sgd_ftp_blocks_(
+            params, grads, buffers, anchors, ftp_states, t, **hyper, k=k, scratch=scratch, shards=shards
+        )
         return
     if anchors is not None:
         displacements = [s["prev_displacement"] for s in ftp_states]
-        radius_grads = radius_gradients_(grads, displacements, [s["prev_inv_norm"] for s in ftp_states], k=k)
+        radius_grads = radius_gradients_(grads, displacements, [s["prev_inv_norm"] for s in ftp_states])
     updates = sgd_updates(
         params,
         grads,
@@ -539,22 +640,35 @@ def sgd_ftp_step_(
     displacements = displacements_into(displacements, params, anchors)
     add_scaled_(displacements, updates, -lr)
     del updates
-    ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states)
+    ftp_finish(params, anchors, displacements, radius_grads, t, ftp_states, k=k, shards=shards)
 
 
 def adam_spd_step_(
-    params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, scratch=None
+    params,
+    grads,
+    moments,
+    anchors,
+    t,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    scratch=None,
+    shards=None,
 ):
     """One Adam-SPD step of a bucket, in place (ALGORITHMS.md §3, §5).
 
-    ``anchors`` and ``scratch`` as in `adam_ftp_step_` (``anchors=None``: the plain Adam
-    step, no decay). The parameters themselves hold ``θ − θ₀`` until the end of the step: no
-    full-size temporary beyond Adam's denominator.
+    ``anchors``, ``scratch`` and ``shards`` as in `adam_ftp_step_` (``anchors=None``: the plain
+    Adam step, no decay). The parameters themselves hold ``θ − θ₀`` until the end of the step:
+    no full-size temporary beyond Adam's denominator.
     """
     if scratch is not None:
         _adam_spd_blocks_(
             params, grads, moments, anchors, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, scratch=scratch,
+            weight_decay=weight_decay, amsgrad=amsgrad, scratch=scratch, shards=shards,
         )  # fmt: skip
         return
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
@@ -568,9 +682,16 @@ def adam_spd_step_(
     if anchors[0] is not None:
         torch._foreach_sub_(params, anchors)
     alignment = torch.stack([dot(g, p) for g, p in zip(grads, params, strict=True)])
-    distance = norms(params)
+    if shards is None:
+        distance = norms(params)
+        adam_update_(params, exp_avgs, second, t, **adam)
+        spd_decay_(params, anchors, spd_keep(alignment, distance, norms(params), weight_decay))
+        return
+    # the squares, which add up across shards, and one collective for the three sums
+    squared_distance = squared_norms(params)
     adam_update_(params, exp_avgs, second, t, **adam)
-    spd_decay_(params, anchors, spd_keep(alignment, distance, norms(params), weight_decay))
+    statistics = spd_statistics(alignment, squared_distance, squared_norms(params), shards)
+    spd_decay_(params, anchors, spd_keep(*statistics, weight_decay))
 
 
 # -- the CPU's single pass ------------------------------------------------------------------
@@ -590,15 +711,16 @@ def _cat(pieces):
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, norm_list, t, k):
+def _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, row_sums, t, k, shards):
     """The second pass of the FTP steps: the radii's Adam on the stacked scalars, then the projection."""
-    radius_grads = damp_radius_gradient(torch.stack(radius_grads), k, xp=xp)
     displacements = [state["prev_displacement"] for state in ftp_states]
-    ftp_project_(params, anchors, displacements, norm_list, radius_grads, t, ftp_states)
+    ftp_project_(
+        params, anchors, displacements, row_sums, torch.stack(radius_grads), t, ftp_states, k=k, shards=shards
+    )
 
 
 def _adam_spd_blocks_(
-    params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, scratch
+    params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, scratch, shards
 ):
     """`adam_spd_step_` on the CPU: ``⟨g, θ − θ₀⟩``, ``‖θ − θ₀‖²``, the Adam step and ``‖θ̃ − θ₀‖²`` in one pass."""
     scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
@@ -620,12 +742,8 @@ def _adam_spd_blocks_(
             sums.append(_sum(pieces))
     if not anchored:
         return
-    alignment, distance_sq, new_distance_sq = torch.stack(sums).unbind(1)
-    spd_decay_(
-        params,
-        anchors,
-        spd_keep(alignment, torch.sqrt(distance_sq), torch.sqrt(new_distance_sq), weight_decay),
-    )
+    statistics = spd_statistics(*torch.stack(sums).unbind(1), shards)
+    spd_decay_(params, anchors, spd_keep(*statistics, weight_decay))
 
 
 def _adam_ftp_blocks_(
@@ -644,11 +762,12 @@ def _adam_ftp_blocks_(
     amsgrad,
     k,
     scratch,
+    shards,
 ):
     """`adam_ftp_step_` on the CPU: ``∇γ``, the Adam step, ``c`` and ``MARS(c)`` in one pass."""
     scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     anchored = anchors is not None
-    radius_grads, norm_list = [], []
+    radius_grads, row_sums = [], []
     for i, (p, g, m, v, v_max) in enumerate(zip(params, grads, *moments, strict=True)):
         state = ftp_states[i] if anchored else {}
         anchor = anchors[i] if anchored else None
@@ -671,9 +790,9 @@ def _adam_ftp_blocks_(
                 norm_pieces.append(row_sum(torch.abs(c_b, out=scratch.like(c_b))))
         if anchored:
             radius_grads.append(_sum(gradient_pieces))
-            norm_list.append(_cat(norm_pieces) + NORM_EPS)
+            row_sums.append(_cat(norm_pieces))
     if anchored:
-        _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, norm_list, t, k)
+        _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, row_sums, t, k, shards)
 
 
 def _sgd_ftp_blocks_(
@@ -691,6 +810,7 @@ def _sgd_ftp_blocks_(
     nesterov,
     k,
     scratch,
+    shards,
 ):
     """`sgd_ftp_step_` on the CPU: ``∇γ``, SGD's update, ``c`` and ``MARS(c)`` in one pass.
 
@@ -699,7 +819,7 @@ def _sgd_ftp_blocks_(
     anchored = anchors is not None
     one = torch.ones_like(t)
     coefficients = torch.where(t == 1, one, one * (1 - dampening))  # b = u on the first step
-    radius_grads, norm_list = [], []
+    radius_grads, row_sums = [], []
     for i, (p, g, b) in enumerate(zip(params, grads, buffers, strict=True)):
         state = ftp_states[i] if anchored else {}
         anchor = anchors[i] if anchored else None
@@ -732,9 +852,9 @@ def _sgd_ftp_blocks_(
                 norm_pieces.append(row_sum(torch.abs(c_b, out=scratch.like(c_b))))
         if anchored:
             radius_grads.append(_sum(gradient_pieces))
-            norm_list.append(_cat(norm_pieces) + NORM_EPS)
+            row_sums.append(_cat(norm_pieces))
     if anchored:
-        _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, norm_list, t, k)
+        _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, row_sums, t, k, shards)
 
 
 # -- the C kernels --------------------------------------------------------------------------
@@ -779,7 +899,8 @@ def _address(x):
 
 
 def _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states):
-    """The projection loop of `ftp_project_` in C, one call per tensor; ``radii`` from `radius_step_`."""
+    """The projection loop of `ftp_project_` in C, one call per tensor; ``radii`` from `radius_step_`,
+    ``norm_list`` the norms ``n = MARS(c) + 1e-8``."""
     code = _KERNEL_DTYPES[params[0].dtype]
     threads = torch.get_num_threads()
     inv_norms = [state["prev_inv_norm"] for state in states]
@@ -794,7 +915,20 @@ def _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, stat
 
 
 def _sgd_ftp_kernels_(
-    params, grads, buffers, anchors, ftp_states, t, *, lr, momentum, dampening, weight_decay, nesterov, k
+    params,
+    grads,
+    buffers,
+    anchors,
+    ftp_states,
+    t,
+    *,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    k,
+    shards,
 ):
     """`sgd_ftp_step_` in C: one sweep per tensor (SGD, ``∇γ``, ``c``, ``MARS(c)``), then the projection's."""
     code = _KERNEL_DTYPES[params[0].dtype]
@@ -803,23 +937,19 @@ def _sgd_ftp_kernels_(
     displacements = [state["prev_displacement"] for state in ftp_states]
     inv_norms = [state["prev_inv_norm"] for state in ftp_states]
     # everything the loop needs is allocated first: once a tensor is updated, nothing can fail
-    norm_list = [torch.empty_like(s) for s in inv_norms]
+    row_sums = [torch.empty_like(s) for s in inv_norms]
     dots = torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
-    radius_grads, max_norms = [], []
+    radius_grads = []
     for p, g, b, a, c, s, n, first in zip(
-        params, grads, buffers, anchors, displacements, inv_norms, norm_list, (t == 1).tolist(), strict=True
+        params, grads, buffers, anchors, displacements, inv_norms, row_sums, (t == 1).tolist(), strict=True
     ):
         rows, cols = _rows_cols(p)
         coefficient = 1.0 if first else 1.0 - dampening  # b = u on the first step
-        radius_grad, max_norm = _kernels.sgd_ftp_displace(
+        radius_grads.append(_kernels.sgd_ftp_displace(
             code, p.data_ptr(), g.data_ptr(), _address(b if momentum != 0 else None), _address(a),
             c.data_ptr(), s.data_ptr(), n.data_ptr(), dots.data_ptr(), rows, cols, lr, momentum,
             coefficient, weight_decay, nesterov, threads,
-        )  # fmt: skip
-        radius_grads.append(radius_grad)
-        max_norms.append(max_norm)
-    dtype = params[0].dtype
+        ))  # fmt: skip
     torch.autograd.graph.increment_version(displacements + [b for b in buffers if b is not None])
-    radius_grads = damp_radius_gradient(torch.tensor(radius_grads, dtype=dtype), k, xp=xp)
-    radii = radius_step_(ftp_states, radius_grads, torch.tensor(max_norms, dtype=dtype), t)
-    _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, ftp_states)
+    radius_grads = torch.tensor(radius_grads, dtype=params[0].dtype)
+    ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards)

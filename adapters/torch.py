@@ -11,13 +11,16 @@ takes an ``anchor`` key:
 
 All state (anchor, moments, step count, radius and its moments, previous displacement) lives in
 ``optimizer.state[p]``, so ``state_dict()`` / ``load_state_dict()`` carry it and a resumed run
-continues bit for bit. The arithmetic is `tether.core`'s: per-tensor scalar rules are core
-calls on stacked vectors, and the full-size passes are kernels checked against the core
-(``adapters/_torch_ops.py``): on the CPU one pass over each tensor a block of rows at a time,
-elsewhere multi-tensor (``torch._foreach_*``) ops.
+continues bit for bit, through ``torch.distributed.checkpoint`` too. The arithmetic is
+`tether.core`'s: per-tensor scalar rules are core calls on stacked vectors, and the full-size
+passes are kernels checked against the core (``adapters/_torch_ops.py``): on the CPU one pass
+over each tensor a block of rows at a time, elsewhere multi-tensor (``torch._foreach_*``) ops.
+Parameters may be DTensors (FSDP2's ``fully_shard``, ``distribute_tensor``): a step runs on
+the local shards, and a few collectives per step sum the per-tensor statistics across the ranks.
 """
 
 import math
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -58,15 +61,127 @@ def _number(owner, name, value, low, high=None, *, high_open=False):
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a Python float, got {type(value).__name__}")
     too_high = high is not None and (value >= high if high_open else value > high)
-    if not math.isfinite(value) or not value >= low or too_high:
+    # comparisons, not math.isfinite: a float that torch.compile made an input (a scheduler's
+    # momentum) is compared in the graph, and isfinite would break it
+    if not low <= value < math.inf or too_high:
         bound = f"[{low}, {high})" if high_open else (f"[{low}, {high}]" if high is not None else f">= {low}")
         raise ValueError(f"{owner}: invalid {name} {value!r}; it must be finite and {bound}")
+
+
+def _learning_rate(owner, lr):
+    """Check ``lr``: a Python float (`_number`) or, as ``torch.optim`` takes it, a one-element floating tensor.
+
+    A scheduler changes a tensor ``lr`` in place (``fill_``), so a compiled step sees the same input,
+    not a new constant to guard on. Its value is checked where it is set (`_check_lr_value`): a step
+    does not read a device value on the host.
+    """
+    if not isinstance(lr, torch.Tensor):
+        _number(owner, "lr", lr, 0.0)
+    elif lr.numel() != 1 or not torch.is_floating_point(lr):
+        raise ValueError(
+            f"{owner}: a tensor lr must hold one floating-point value, got {tuple(lr.shape)} {lr.dtype}"
+        )
+
+
+def _check_lr_value(owner, lr):
+    """The value of a tensor ``lr`` (a host read: where a group is added or loaded, never in a step)."""
+    if isinstance(lr, torch.Tensor):
+        _number(owner, "lr", float(lr.detach().reshape(())), 0.0)
+
+
+def _lr(group, device):
+    """The group's ``lr`` as the kernels take it: a float, or a 0-d tensor on the tensors' ``device``
+    (copied there without a wait if it is elsewhere)."""
+    lr = group["lr"]
+    if not isinstance(lr, torch.Tensor):
+        return lr
+    return lr.reshape(()).to(device, non_blocking=True)
 
 
 def _flag(owner, name, value):
     """Check that a switch is a bool (``"yes"`` is truthy, and would silently switch it on)."""
     if not isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
+
+
+# -- sharded parameters ------------------------------------------------------------------
+
+
+def _dtensor_class():
+    """``DTensor`` once ``torch.distributed.tensor`` is imported (no DTensor exists before), else ``None``.
+
+    Not imported here: the import takes more than a second.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _is_sharded(x):
+    """Whether ``x`` is a DTensor (sharded or replicated across a device mesh)."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(x, dtensor)
+
+
+def _local(x):
+    """The local shard of a DTensor (which shares its memory), or ``x`` itself (``None`` too)."""
+    return x.to_local() if _is_sharded(x) else x
+
+
+def _check_layout(owner, name, p):
+    """Parameters whose rows FTP and SPD can find: whole tensors or DTensors, not flattened shards.
+
+    Raises:
+        ValueError: ``p`` is a flat shard of FSDP1 (``FullyShardedDataParallel``, whatever its
+            ``use_orig_params``), or a DTensor with a ``Partial`` placement.
+    """
+    if getattr(p, "_fsdp_flattened", False):
+        raise ValueError(
+            f"{owner}: parameter {name} is a flattened shard of FullyShardedDataParallel (FSDP1). "
+            "FTP's norms are per row and per tensor and SPD's per tensor, and a flat shard holds "
+            "pieces of several tensors, flattened: the step would take them over the wrong numbers. "
+            "Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor "
+            "parameters keep their shapes."
+        )
+    if _is_sharded(p) and any(placement.is_partial() for placement in p.placements):
+        raise ValueError(f"{owner}: parameter {name} is a DTensor with a Partial placement {p.placements}")
+
+
+def _shards(params):
+    """The `ops.Shards` of a bucket with DTensor parameters (``None`` when none is one).
+
+    A mesh dimension that shards a tensor makes its whole-tensor sums partial; its MARS row
+    sums too, unless it splits a matrix's rows (axis 0): each rank then holds whole rows.
+    """
+    if not any(_is_sharded(p) for p in params):
+        return None
+    layouts = []
+    for p in params:
+        whole, rows = [], []
+        for dim, placement in enumerate(p.placements if _is_sharded(p) else ()):
+            if placement.is_shard() and p.device_mesh.size(dim) > 1:
+                group = p.device_mesh.get_group(dim)
+                whole.append(group)
+                if p.ndim < 2 or placement.dim != 0:
+                    rows.append(group)
+        layouts.append((tuple(whole), tuple(rows)))
+    return ops.Shards(layouts)
+
+
+def _mars_zeros(p, dtype):
+    """Zeros shaped as ``MARS(p)`` (``prev_inv_norm``); for a DTensor, a DTensor on its mesh whose rows
+    are split as ``p``'s and which is replicated where ``p`` is split along another axis."""
+    shape = ops.mars_shape(p)
+    if not _is_sharded(p):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    placements = _mars_placements(p)
+    return sys.modules["torch.distributed.tensor"].zeros(
+        shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements
+    )
+
+
+def _mars_placements(p):
+    replicate = sys.modules["torch.distributed.tensor"].Replicate()
+    return tuple(pl if p.ndim >= 2 and pl.is_shard(0) else replicate for pl in p.placements)
 
 
 #: FTP's per-tensor state beside the base step's (ALGORITHMS.md §4).
@@ -92,8 +207,26 @@ def _expected_shape(key, p):
     return None
 
 
+def _layout(x):
+    """``(mesh, placements)`` of a DTensor, ``None`` for a plain tensor."""
+    return (x.device_mesh, tuple(x.placements)) if _is_sharded(x) else None
+
+
+def _expected_layout(key, p):
+    """The layout (`_layout`) the state ``key`` of ``p`` must have: a full-size tensor is sharded as
+    ``p``, ``prev_inv_norm`` as its rows, and a scalar is a plain tensor."""
+    if not _is_sharded(p) or key in _SCALAR_KEYS:
+        return None
+    return (p.device_mesh, _mars_placements(p) if key == "prev_inv_norm" else tuple(p.placements))
+
+
+def _describe_layout(layout):
+    return "a plain tensor" if layout is None else f"a DTensor {layout[1]} on {layout[0]}"
+
+
 def _check_state(owner, name, p, state, *, device=True):
-    """Each state tensor of ``p`` has its shape (and, with ``device``, its device); anchors its dtype.
+    """Each state tensor of ``p`` has its shape (and, with ``device``, its device); anchors its dtype;
+    a DTensor parameter's full-size state is sharded as it is.
 
     Raises:
         ValueError: naming the parameter and the key.
@@ -115,6 +248,13 @@ def _check_state(owner, name, p, state, *, device=True):
                 + (f" {p.dtype}" if key == "anchor" else "")
                 + (f" on {p.device}" if device else "")
                 + " (a state of another model or optimizer, or a model moved after the optimizer was built)"
+            )
+        expected_layout = _expected_layout(key, p)
+        if _layout(value) != expected_layout:
+            raise ValueError(
+                f"{owner}: the {key!r} of parameter {name} is {_describe_layout(_layout(value))}; it must "
+                f"be {_describe_layout(expected_layout)} (load the state of sharded parameters with "
+                "torch.distributed.checkpoint, which shards it as they are)"
             )
 
 
@@ -151,6 +291,7 @@ class _Anchored(Optimizer):
     def add_param_group(self, param_group):
         merged = {**self.defaults, **param_group}
         self._check_group(merged)
+        self._check_group_values(merged)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -165,11 +306,15 @@ class _Anchored(Optimizer):
         if group.get("anchor", "init") not in ANCHOR_MODES:
             raise ValueError(f"{owner}: unknown anchor {group['anchor']!r}; expected 'init', 'zero' or None")
 
+    def _check_group_values(self, group):
+        """What `_check_group` leaves to where a group is added or loaded: tensor hyperparameters' values."""
+
     def _check_params(self, group, gi):
         """Real floating-point parameters only; warn where FTP would project a nonzero tensor to zero."""
         owner = type(self).__name__
         for i, p in enumerate(group["params"]):
             _check_dtype(owner, self._name(group, gi, i), p)
+            _check_layout(owner, self._name(group, gi, i), p)
         if self.projects and group["anchor"] == "zero":
             names = [
                 self._name(group, gi, i)
@@ -198,13 +343,14 @@ class _Anchored(Optimizer):
     def _gather(self):
         """``[(group, params, grads)]`` of the tensors with a gradient, all checked before any update.
 
-        Every group is checked (hyperparameters, parameter and gradient dtypes, shapes and
-        devices, the state each tensor holds) before anything changes; then the tensors of an
-        ``"init"`` group that have no anchor get one. Empty tensors have nothing to update and
-        are left out.
+        Every group is checked (hyperparameters, parameter and gradient dtypes, shapes, devices
+        and layouts); then each tensor with a gradient gets the state its first step needs
+        (`_init_group`: zeros), and the state each tensor holds is checked. Only then do the
+        tensors of an ``"init"`` group that have no anchor get one. Empty tensors have nothing
+        to update and are left out.
         """
         owner = type(self).__name__
-        work = []
+        work, named = [], []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             params, grads = [], []
@@ -214,6 +360,7 @@ class _Anchored(Optimizer):
                     continue
                 name = self._name(group, gi, i)
                 _check_dtype(owner, name, p)
+                _check_layout(owner, name, p)
                 if g.is_sparse:
                     raise TypeError(
                         f"{owner}: parameter {name} has a sparse gradient, which is not supported"
@@ -225,13 +372,17 @@ class _Anchored(Optimizer):
                         f"{owner}: the gradient of parameter {name} is {tuple(g.shape)} {g.dtype} "
                         f"on {g.device}, the parameter {tuple(p.shape)} {p.dtype} on {p.device}"
                     )
-                _check_state(owner, name, p, self.state.get(p, {}))
+                named.append((name, p))
                 if p.numel() == 0:
                     continue
                 params.append(p)
                 grads.append(g)
             if params:
                 work.append((group, params, grads))
+        # the state is made before any is read: under torch.compile, `_init_group` runs eagerly
+        self._init_group(*self.param_groups)
+        for name, p in named:
+            _check_state(owner, name, p, self.state.get(p, {}))
         for group in self.param_groups:
             self._adopt_anchors(group)
         return work
@@ -261,14 +412,50 @@ class _Anchored(Optimizer):
     def _new_step(self, p):
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
+    def _init_state(self, group, p, state):
+        """Make the state that ``p``'s first step of ``group`` needs (none beside the anchor here)."""
+
+    def _init_group(self, *groups):
+        """Make the state of the groups' tensors that have a gradient, before a step reads any.
+
+        ``torch.compile`` runs a method of this name eagerly while it traces a step (as it does for
+        ``torch.optim``'s optimizers): the traced step finds its state instead of creating it, so the
+        next step runs the same graph. It reads the state after the first call, hence one call for
+        every group. The state is zeros, as a step would make it; a tensor that the step refuses
+        gets none: `_gather` calls it once every tensor passed its checks.
+        """
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is not None and p.numel():
+                    self._init_state(group, p, self.state[p])
+
+    def _bucket_view(self, params, grads):
+        """``(params, grads, states, shards)`` of a bucket as the kernels take it.
+
+        For DTensor parameters: the local shards, dicts of the local shards of their state (the
+        same tensors, updated in place), and the `ops.Shards` that finishes their sums across ranks.
+        """
+        states = [self.state[p] for p in params]
+        shards = _shards(params)
+        if shards is None:
+            return params, grads, states, None
+        local_states = [{key: _local(value) for key, value in state.items()} for state in states]
+        return [_local(p) for p in params], [_local(g) for g in grads], local_states, shards
+
     def state_dict(self) -> dict:
         """The optimizer's state (anchors, moments, radii, step counts) and groups, tagged with its method.
 
-        Tensors of an ``"init"`` group whose anchor was switched on since the last step get their
-        anchor now, so that the saved state is the one the next step would use.
+        Every tensor that requires a gradient has its whole state, zeros where it has not stepped
+        yet (the state its first step makes), and tensors of an ``"init"`` group whose anchor was
+        switched on since the last step get their anchor now: the saved state is the one the next
+        step would use, and a freshly built optimizer's is the template that
+        ``torch.distributed.checkpoint`` loads a checkpoint into (it loads only what the template has).
         """
         for group in self.param_groups:
             self._adopt_anchors(group)
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._init_state(group, p, self.state[p])
         state_dict = super().state_dict()
         state_dict["method"] = self.method
         return state_dict
@@ -281,9 +468,7 @@ class _Anchored(Optimizer):
             state["radius_exp_avg_sq"] = zero.clone()
             state["prev_displacement"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # the statistics are at least float32 (ALGORITHMS.md §9): 1/n overflows in float16
-            state["prev_inv_norm"] = torch.zeros(
-                ops.mars_shape(p), dtype=_compute_dtype(p.dtype), device=p.device
-            )
+            state["prev_inv_norm"] = _mars_zeros(p, _compute_dtype(p.dtype))
 
     # -- state dict ---------------------------------------------------------------------
 
@@ -322,6 +507,7 @@ class _Anchored(Optimizer):
                     f"not saved by {self.method}"
                 )
             self._check_group(saved)
+            self._check_group_values(saved)
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{owner}: parameter group {gi} of the state dict has a different size")
             for i, (key, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
@@ -403,14 +589,15 @@ class _Fused(_Anchored):
         loss = _evaluate(closure)
         for group, params, grads in self._gather():
             for bucket_params, bucket_grads in self._buckets(params, grads):
-                states = [self.state[p] for p in bucket_params]
-                for p, state in zip(bucket_params, states, strict=True):
-                    self._init_state(group, p, state)
+                bucket_params, bucket_grads, states, shards = self._bucket_view(bucket_params, bucket_grads)
                 steps = [s["step"] for s in states]
                 torch._foreach_add_(steps, 1)
                 t = ops.steps_vector(steps, _compute_dtype(bucket_params[0].dtype))
-                self._step_bucket(group, bucket_params, bucket_grads, states, t)
+                self._step_bucket(group, bucket_params, bucket_grads, states, t, shards)
         return loss
+
+    def _check_group_values(self, group):
+        _check_lr_value(type(self).__name__, group["lr"])
 
     @staticmethod
     def _anchors(group, states):
@@ -424,7 +611,7 @@ class _AdamBase(_Fused):
     def _check_group(self, group):
         super()._check_group(group)
         owner = type(self).__name__
-        _number(owner, "lr", group["lr"], 0.0)
+        _learning_rate(owner, group["lr"])
         _number(owner, "eps", group["eps"], 0.0)
         _number(owner, "weight_decay", group["weight_decay"], 0.0)
         _flag(owner, "amsgrad", group["amsgrad"])
@@ -513,7 +700,7 @@ class AdamFTP(_AdamBase):
         if group["anchor"] is not None:
             self._init_radius(p, state)
 
-    def _step_bucket(self, group, params, grads, states, t):
+    def _step_bucket(self, group, params, grads, states, t, shards):
         beta1, beta2 = group["betas"]
         ops.adam_ftp_step_(
             params,
@@ -522,7 +709,7 @@ class AdamFTP(_AdamBase):
             self._anchors(group, states),
             states,
             t,
-            lr=group["lr"],
+            lr=_lr(group, params[0].device),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
@@ -530,6 +717,7 @@ class AdamFTP(_AdamBase):
             amsgrad=group["amsgrad"],
             k=group["k"],
             scratch=self._scratch_for(params),
+            shards=shards,
         )
 
 
@@ -577,7 +765,7 @@ class AdamSPD(_AdamBase):
         )
         super().__init__(params, defaults)
 
-    def _step_bucket(self, group, params, grads, states, t):
+    def _step_bucket(self, group, params, grads, states, t, shards):
         beta1, beta2 = group["betas"]
         ops.adam_spd_step_(
             params,
@@ -585,13 +773,14 @@ class AdamSPD(_AdamBase):
             self._moments(states),
             self._anchors(group, states),
             t,
-            lr=group["lr"],
+            lr=_lr(group, params[0].device),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"],
             scratch=self._scratch_for(params),
+            shards=shards,
         )
 
 
@@ -648,7 +837,7 @@ class SGDFTP(_Fused):
     def _check_group(self, group):
         super()._check_group(group)
         owner = type(self).__name__
-        _number(owner, "lr", group["lr"], 0.0)
+        _learning_rate(owner, group["lr"])
         _number(owner, "momentum", group["momentum"], 0.0)
         _number(owner, "dampening", group["dampening"], 0.0, 1.0)
         _number(owner, "weight_decay", group["weight_decay"], 0.0)
@@ -671,7 +860,7 @@ class SGDFTP(_Fused):
         if group["anchor"] is not None:
             self._init_radius(p, state)
 
-    def _step_bucket(self, group, params, grads, states, t):
+    def _step_bucket(self, group, params, grads, states, t, shards):
         ops.sgd_ftp_step_(
             params,
             grads,
@@ -679,13 +868,14 @@ class SGDFTP(_Fused):
             self._anchors(group, states),
             states,
             t,
-            lr=group["lr"],
+            lr=_lr(group, params[0].device),
             momentum=group["momentum"],
             dampening=group["dampening"],
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             k=group["k"],
             scratch=self._scratch_for(params),
+            shards=shards,
         )
 
 
@@ -731,21 +921,76 @@ class _Wrapper(_Anchored):
             if anchors:
                 self._adopt_anchors(group)
 
+    def __getstate__(self):
+        # torch.optim pickles the state and groups only; the groups are the wrapped optimizer's
+        # (one list, which pickle and deepcopy keep shared)
+        return {**super().__getstate__(), "optimizer": self.optimizer}
+
     def state_dict(self) -> dict:
-        """The wrapper's state plus the wrapped optimizer's (key ``"base"``)."""
+        """The wrapper's state, each tensor's holding the wrapped optimizer's under ``"base"``.
+
+        One ``state`` and one ``param_groups`` (the groups are shared), which is all that
+        ``torch.distributed.checkpoint`` keeps of an optimizer's state dict. A tensor that
+        requires a gradient and has no state in the wrapped optimizer yet gets the state its
+        first step would make (see `_Anchored.state_dict`): the wrapped optimizer takes a step
+        with zero gradients and ``lr = 0`` for those tensors alone, as
+        ``torch.distributed.checkpoint`` does to initialise a torch optimizer, and that state is
+        then taken out of it again.
+        """
         state_dict = super().state_dict()
-        state_dict["base"] = self.optimizer.state_dict()
+        for index, values in self._base_state_dict()["state"].items():
+            state_dict["state"].setdefault(index, {})["base"] = values
         return state_dict
 
+    def _base_state_dict(self):
+        """The wrapped optimizer's ``state_dict()``, with the state a first step makes for the tensors
+        that have none (see `state_dict`); the wrapped optimizer itself is left as it was."""
+        base = self.optimizer
+        params = [p for group in base.param_groups for p in group["params"]]
+        fresh = {id(p) for p in params if p.requires_grad and not base.state.get(p)}
+        if not fresh:
+            return base.state_dict()
+        grads = [p.grad for p in params]
+        rates = [group.get("lr") for group in base.param_groups]
+        try:
+            for p in params:
+                p.grad = torch.zeros_like(p) if id(p) in fresh else None
+            for group, lr in zip(base.param_groups, rates, strict=True):
+                if lr is not None:
+                    group["lr"] = torch.zeros_like(lr) if isinstance(lr, torch.Tensor) else 0.0
+            with torch.no_grad():
+                base.step()
+            return base.state_dict()
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            for group, lr in zip(base.param_groups, rates, strict=True):
+                if lr is not None:
+                    group["lr"] = lr
+            for p in params:
+                if id(p) in fresh:
+                    base.state.pop(p, None)
+
     def _own_state_dict(self, state_dict):
-        return {k: v for k, v in state_dict.items() if k != "base"}
+        """The wrapper's part: each tensor's state without the wrapped optimizer's (``"base"``)."""
+        state = state_dict.get("state")
+        if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+            return state_dict
+        own = {key: {k: v for k, v in values.items() if k != "base"} for key, values in state.items()}
+        return {**state_dict, "state": own}
 
     def _load_base(self, state_dict):
-        if "base" not in state_dict:
-            raise ValueError(
-                f"{type(self).__name__}: the state dict has no 'base' entry (the wrapped optimizer's)"
-            )
-        self.optimizer.load_state_dict(state_dict["base"])
+        owner = type(self).__name__
+        if "base" in state_dict:  # saved before the wrapped optimizer's state moved into each tensor's
+            self.optimizer.load_state_dict(state_dict["base"])
+            return
+        base = {}
+        for key, values in state_dict["state"].items():
+            if "base" in values:
+                if not isinstance(values["base"], dict):
+                    raise ValueError(f"{owner}: the 'base' state of parameter {key!r} is not a dict")
+                base[key] = values["base"]
+        self.optimizer.load_state_dict({"state": base, "param_groups": state_dict["param_groups"]})
 
     def _after_load(self):
         # Both loads replaced their group dicts: share the wrapped optimizer's again.
@@ -792,6 +1037,12 @@ class FTP(_Wrapper):
     def _stepped_keys(self, group):
         return {"step"}
 
+    def _init_state(self, group, p, state):
+        if group["anchor"] is not None:
+            if "step" not in state:
+                state["step"] = self._new_step(p)
+            self._init_radius(p, state)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Take the wrapped optimizer's step, then project every anchored tensor that has a gradient.
@@ -809,25 +1060,21 @@ class FTP(_Wrapper):
             if group["anchor"] is None:
                 continue
             for bucket_params, bucket_grads in self._buckets(params, grads):
-                states = [self.state[p] for p in bucket_params]
-                for p, state in zip(bucket_params, states, strict=True):
-                    if "step" not in state:
-                        state["step"] = self._new_step(p)
-                    self._init_radius(p, state)
-                pending.append((group, bucket_params, bucket_grads, states))
+                pending.append((group, *self._bucket_view(bucket_params, bucket_grads)))
         self.optimizer.step()
         # g is read after the base step, which must not change gradients in place (none of torch.optim does).
-        for group, params, grads, states in pending:
+        for group, params, grads, states, shards in pending:
             buffers = [s["prev_displacement"] for s in states]
-            radius_grads = ops.radius_gradients_(
-                grads, buffers, [s["prev_inv_norm"] for s in states], k=group["k"]
-            )
+            radius_grads = ops.radius_gradients_(grads, buffers, [s["prev_inv_norm"] for s in states])
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
             t = ops.steps_vector(steps, _compute_dtype(params[0].dtype))
             anchors = _anchor_list(group, states)
             displacements = ops.displacements_into(buffers, params, anchors)
-            ops.ftp_finish(params, anchors, displacements, radius_grads, t, states, self._scratch_for(params))
+            ops.ftp_finish(
+                params, anchors, displacements, radius_grads, t, states,
+                k=group["k"], scratch=self._scratch_for(params), shards=shards,
+            )  # fmt: skip
         return loss
 
 
@@ -885,14 +1132,16 @@ class SPD(_Wrapper):
             if group["anchor"] is None:
                 continue
             for bucket_params, bucket_grads in self._buckets(params, grads):
-                anchors = _anchor_list(group, [self.state[p] for p in bucket_params])
-                scratch = self._scratch_for(bucket_params)
-                alignment, distance = ops.spd_measure(bucket_params, anchors, bucket_grads, scratch)
-                pending.append((group, bucket_params, anchors, alignment, distance, scratch))
+                params_, grads_, states, shards = self._bucket_view(bucket_params, bucket_grads)
+                anchors = _anchor_list(group, states)
+                scratch = self._scratch_for(params_)
+                alignment, squared_distance = ops.spd_measure(params_, anchors, grads_, scratch)
+                pending.append((group, params_, anchors, alignment, squared_distance, scratch, shards))
         self.optimizer.step()
-        for group, params, anchors, alignment, distance, scratch in pending:
-            _, new_distance = ops.spd_measure(params, anchors, scratch=scratch)
-            strength = 1 - ops.spd_keep(alignment, distance, new_distance, group["spd_weight_decay"])
+        for group, params, anchors, alignment, squared_distance, scratch, shards in pending:
+            _, new_squared_distance = ops.spd_measure(params, anchors, scratch=scratch)
+            statistics = ops.spd_statistics(alignment, squared_distance, new_squared_distance, shards)
+            strength = 1 - ops.spd_keep(*statistics, group["spd_weight_decay"])
             ops.decay_toward_anchors_(params, anchors, strength)
         return loss
 
@@ -1007,14 +1256,21 @@ class MARSSP(_Wrapper):
         """
         loss = _evaluate(closure)
         self._adopt_groups(anchors=False)
-        work = [(group, params) for group, params, _ in self._gather() if group["anchor"] is not None]
+        work = [
+            (group, *self._bucket_view(params, grads))
+            for group, params, grads in self._gather()
+            if group["anchor"] is not None
+        ]
         self.optimizer.step()
-        for group, params in work:
-            radius = group["marssp_radius"]
-            for p, anchor in zip(params, _anchor_list(group, [self.state[p] for p in params]), strict=True):
-                displacement = p if anchor is None else p - anchor
-                norm = ops.row_sum(torch.abs(displacement))  # summed as every step sums: thread-independent
-                projected = core.project(displacement, radius, norm, xp=ops.xp)
+        for group, params, _, states, shards in work:
+            anchors = _anchor_list(group, states)
+            displacements = [p if anchor is None else p - anchor for p, anchor in zip(params, anchors)]
+            # summed as every step sums: thread-independent; across the ranks for shards
+            norms = [ops.row_sum(torch.abs(c)) for c in displacements]
+            if shards is not None:
+                _, norms = shards.sums(rows=norms)
+            for p, anchor, c, norm in zip(params, anchors, displacements, norms, strict=True):
+                projected = core.project(c, group["marssp_radius"], norm, xp=ops.xp)
                 p.copy_(projected if anchor is None else anchor + projected)
         return loss
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch_helpers import BUILDERS
+from torch_helpers import BUILDERS, state_tensors
 
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 
@@ -83,6 +83,41 @@ def test_bad_anchor_and_types():
         SPD(torch.optim.Adam(net.parameters()), weight_decay=-0.1)
     with pytest.raises(ValueError, match="k"):
         FTP(torch.optim.SGD(net.parameters()), k=2.0)
+
+
+@pytest.mark.parametrize("cls", FUSED)
+def test_a_tensor_lr_follows_torch_optims_rules(cls):
+    """One floating-point value, as ``torch.optim.Adam`` takes it; its value is checked when it is set."""
+    net = model()
+    for lr in (torch.tensor(0.1), torch.tensor([0.1], dtype=torch.float64)):
+        cls(net.parameters(), lr=lr)
+    with pytest.raises(ValueError, match="one floating-point value"):
+        cls(net.parameters(), lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="one floating-point value"):
+        cls(net.parameters(), lr=torch.tensor(1))
+    with pytest.raises(ValueError, match="lr"):
+        cls(net.parameters(), lr=torch.tensor(-0.1))
+    opt = cls(net.parameters(), lr=torch.tensor(0.1))
+    state_dict = opt.state_dict()
+    state_dict["param_groups"][0]["lr"] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="lr"):
+        opt.load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("kind", ["AdamFTP", "SGDFTP", "AdamSPD"])
+def test_a_tensor_lr_equals_the_float(kind):
+    """A float64 tensor lr and the float: the same run at 1e-12 (Adam folds a tensor lr into its
+    denominator, so that it stays on the device). Its shape (1,) and a scheduler's ``fill_`` too."""
+    runs = []
+    for lr in (0.05, torch.tensor([0.05], dtype=torch.float64)):
+        net = model(dtype=torch.float64)
+        opt = BUILDERS[kind](net.parameters())
+        opt.param_groups[0]["lr"] = lr
+        scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=4)
+        train(opt, net, steps=6, scheduler=scheduler)
+        runs.append(params_of(net))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("cls", FUSED)
@@ -259,15 +294,12 @@ def test_low_precision_parameters(kind, dtype):
         assert p.dtype == dtype
         assert torch.isfinite(p).all()
         torch.testing.assert_close(p.float(), q, rtol=0.05, atol=0.02)
-    state_dict = opt.state_dict()
-    states = [state_dict["state"]] + ([state_dict["base"]["state"]] if "base" in state_dict else [])
-    for state in states:
-        for values in state.values():
-            for key, value in values.items():
-                if key.startswith("radius") or key in ("step", "prev_inv_norm"):
-                    assert value.dtype == torch.float32, key
-                elif value.ndim:
-                    assert value.dtype == dtype, key
+    for name, value in state_tensors(opt.state_dict()).items():
+        key = name.split(":")[1].removeprefix("base.")
+        if key.startswith("radius") or key in ("step", "prev_inv_norm"):
+            assert value.dtype == torch.float32, key
+        elif value.ndim:
+            assert value.dtype == dtype, key
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,5 +1,7 @@
-"""state_dict / load_state_dict: bit-for-bit resume in a fresh process, dtypes, and checks."""
+"""state_dict / load_state_dict: bit-for-bit resume in a fresh process, dtypes, and checks; copies."""
 
+import copy
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +115,49 @@ def test_load_names_the_parameter():
     state_dict["state"][0]["prev_displacement"] = torch.zeros(2)
     with pytest.raises(ValueError, match=r"encoder\.weight"):
         AdamFTP([("encoder.weight", torch.nn.Parameter(torch.randn(4, 3)))]).load_state_dict(state_dict)
+
+
+def _pickled(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("how", [copy.deepcopy, _pickled], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_a_copy_continues_as_the_original(kind, how):
+    """A copy of the optimizer with its parameters (``copy.deepcopy``, pickle) takes the same steps.
+
+    The wrappers lost the wrapped optimizer (torch.optim pickles the state and groups only):
+    ``AttributeError: 'FTP' object has no attribute 'optimizer'`` at the next step.
+    """
+    problem, params, opt, scheduler = resume_setup(kind)
+    resume_steps(problem, params, opt, scheduler, 0, 4)
+    twin_params, twin_opt = how((params, opt))
+    twin_scheduler = type(scheduler)(twin_opt, step_size=3, gamma=0.5)
+    twin_scheduler.load_state_dict(scheduler.state_dict())
+    if hasattr(opt, "optimizer"):  # one list of groups, shared with the wrapped optimizer's copy
+        assert twin_opt.param_groups is twin_opt.optimizer.param_groups
+        assert twin_opt.optimizer.param_groups[0]["params"][0] is twin_params["conv.weight"]
+    resume_steps(problem, params, opt, scheduler, 4, 10)
+    resume_steps(problem, twin_params, twin_opt, twin_scheduler, 4, 10)
+    assert_bitwise_equal(snapshot(params, opt), snapshot(twin_params, twin_opt))
+
+
+@pytest.mark.parametrize("kind", ["FTP", "SPD", "L2SP", "MARSSP"])
+def test_a_wrapper_loads_the_layout_with_a_top_level_base(kind):
+    """A wrapper's state dict used to hold the wrapped optimizer's as a whole, under a top-level
+    ``"base"`` key (torch.distributed.checkpoint keeps only ``state`` and ``param_groups``); such a
+    state dict still resumes bit for bit."""
+    problem, params, opt, scheduler = resume_setup(kind)
+    resume_steps(problem, params, opt, scheduler, 0, 4)
+    state_dict = copy.deepcopy(opt.state_dict())
+    base = {i: values.pop("base") for i, values in state_dict["state"].items() if "base" in values}
+    state_dict["base"] = {"state": base, "param_groups": copy.deepcopy(state_dict["param_groups"])}
+    _, twin_params, twin, twin_scheduler = resume_setup(kind)
+    with torch.no_grad():
+        for n, p in twin_params.items():
+            p.copy_(params[n])
+    twin.load_state_dict(state_dict)
+    twin_scheduler.load_state_dict(scheduler.state_dict())
+    resume_steps(problem, params, opt, scheduler, 4, 10)
+    resume_steps(problem, twin_params, twin, twin_scheduler, 4, 10)
+    assert_bitwise_equal(snapshot(params, opt), snapshot(twin_params, twin))

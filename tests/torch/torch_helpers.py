@@ -1,6 +1,8 @@
 """Shared builders for the torch adapter's tests (imported by the tests and by the resume child)."""
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,16 +113,23 @@ def resume_steps(problem, params, opt, scheduler, start, stop):
         opt.zero_grad()
 
 
+def state_tensors(state_dict):
+    """``{"index:key": tensor}`` of every state tensor, the wrapped optimizer's (``"base"``) as ``"index:base.key"``."""
+    out = {}
+    for i, values in state_dict["state"].items():
+        for k, v in values.items():
+            if k == "base":
+                out.update({f"{i}:base.{kb}": vb for kb, vb in v.items() if torch.is_tensor(vb)})
+            elif torch.is_tensor(v):
+                out[f"{i}:{k}"] = v
+    return out
+
+
 def snapshot(params, opt):
     """Every parameter and every state tensor, as CPU tensors, for a bit-for-bit comparison."""
     out = {f"param:{n}": p.detach().cpu().clone() for n, p in params.items()}
-    state_dict = opt.state_dict()
-    states = [state_dict["state"]] + ([state_dict["base"]["state"]] if "base" in state_dict else [])
-    for j, state in enumerate(states):
-        for i, values in state.items():
-            for k, v in values.items():
-                if torch.is_tensor(v):
-                    out[f"state{j}:{i}:{k}"] = v.detach().cpu().clone()
+    for key, value in state_tensors(opt.state_dict()).items():
+        out[f"state:{key}"] = value.detach().cpu().clone()
     return out
 
 
@@ -149,3 +158,15 @@ def require_kernels():
             pytest.fail("tether.adapters._kernels was not built (TETHER_REQUIRE_KERNELS=1)")
         pytest.skip("tether.adapters._kernels was not built (no C compiler at install)")
     return _torch_ops._kernels
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def snippet(name, page="scale.md"):
+    """The Python code block that follows ``<!-- snippet: name -->`` in ``docs/page``: the tests run it."""
+    text = (DOCS / page).read_text()
+    match = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```python\n(.*?)```", text, re.DOTALL)
+    if match is None:
+        raise LookupError(f"docs/{page} has no snippet {name!r}")
+    return match.group(1)
