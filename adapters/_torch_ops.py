@@ -26,7 +26,7 @@ only place where a step communicates.
 import array_api_compat.torch as compat_torch
 import torch
 
-from ..core import FTPState, SPDStatistics, damp_radius_gradient, decay_strength, radius_update
+from ..core import FTPState, SPDStatistics, damp_radius_gradient, decay_ratio, decay_strength, radius_update
 from ..core import mars_shape as core_mars_shape
 from ..core.ftp import NORM_EPS
 
@@ -465,11 +465,18 @@ def spd_statistics(alignment, squared_distance, new_squared_distance, shards=Non
     return alignment, torch.sqrt(squared_distance), torch.sqrt(new_squared_distance)
 
 
-def spd_keep(alignment, distance, new_distance, weight_decay):
+def spd_keep(alignment, distance, new_distance, weight_decay, record=None):
     r"""``1 − λ r`` where the condition ``c = −⟨g, θ − θ₀⟩ < 0`` holds, else 1; a vector.
 
-    ``λ r`` is ``core.decay_strength`` on the stacked per-tensor scalars.
+    ``λ r`` is ``core.decay_strength`` on the stacked per-tensor scalars. ``record``, one state
+    dict per tensor holding 0-d ``spd_ratio`` and ``spd_decayed`` tensors, receives this step's
+    ratio ``r`` and whether the condition held (the optimizers' diagnostics).
     """
+    if record is not None:
+        torch._foreach_copy_(
+            [s["spd_ratio"] for s in record], list(decay_ratio(new_distance, distance, xp=xp).unbind(0))
+        )
+        torch._foreach_copy_([s["spd_decayed"] for s in record], list((alignment > 0).unbind(0)))
     return 1 - decay_strength(SPDStatistics(alignment, distance), new_distance, weight_decay, xp=xp)
 
 
@@ -658,17 +665,18 @@ def adam_spd_step_(
     amsgrad,
     scratch=None,
     shards=None,
+    record=None,
 ):
     """One Adam-SPD step of a bucket, in place (ALGORITHMS.md §3, §5).
 
     ``anchors``, ``scratch`` and ``shards`` as in `adam_ftp_step_` (``anchors=None``: the plain
-    Adam step, no decay). The parameters themselves hold ``θ − θ₀`` until the end of the step:
-    no full-size temporary beyond Adam's denominator.
+    Adam step, no decay); ``record`` as in `spd_keep`. The parameters themselves hold ``θ − θ₀``
+    until the end of the step: no full-size temporary beyond Adam's denominator.
     """
     if scratch is not None:
         _adam_spd_blocks_(
             params, grads, moments, anchors, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, scratch=scratch, shards=shards,
+            weight_decay=weight_decay, amsgrad=amsgrad, scratch=scratch, shards=shards, record=record,
         )  # fmt: skip
         return
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
@@ -685,13 +693,13 @@ def adam_spd_step_(
     if shards is None:
         distance = norms(params)
         adam_update_(params, exp_avgs, second, t, **adam)
-        spd_decay_(params, anchors, spd_keep(alignment, distance, norms(params), weight_decay))
+        spd_decay_(params, anchors, spd_keep(alignment, distance, norms(params), weight_decay, record))
         return
     # the squares, which add up across shards, and one collective for the three sums
     squared_distance = squared_norms(params)
     adam_update_(params, exp_avgs, second, t, **adam)
     statistics = spd_statistics(alignment, squared_distance, squared_norms(params), shards)
-    spd_decay_(params, anchors, spd_keep(*statistics, weight_decay))
+    spd_decay_(params, anchors, spd_keep(*statistics, weight_decay, record))
 
 
 # -- the CPU's single pass ------------------------------------------------------------------
@@ -720,7 +728,21 @@ def _ftp_project_blocks_(params, anchors, ftp_states, radius_grads, row_sums, t,
 
 
 def _adam_spd_blocks_(
-    params, grads, moments, anchors, t, *, lr, beta1, beta2, eps, weight_decay, amsgrad, scratch, shards
+    params,
+    grads,
+    moments,
+    anchors,
+    t,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    scratch,
+    shards,
+    record,
 ):
     """`adam_spd_step_` on the CPU: ``⟨g, θ − θ₀⟩``, ``‖θ − θ₀‖²``, the Adam step and ``‖θ̃ − θ₀‖²`` in one pass."""
     scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
@@ -743,7 +765,7 @@ def _adam_spd_blocks_(
     if not anchored:
         return
     statistics = spd_statistics(*torch.stack(sums).unbind(1), shards)
-    spd_decay_(params, anchors, spd_keep(*statistics, weight_decay))
+    spd_decay_(params, anchors, spd_keep(*statistics, weight_decay, record))
 
 
 def _adam_ftp_blocks_(

@@ -212,6 +212,24 @@ class TPGM:
                 "not a one-shot generator)"
             ) from None
 
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, dict]:
+        """Per constrained tensor, by name: ``"distance"``, ``‖θ − θ₀‖₂`` now, and ``"constraint"``,
+        its ``γ`` (absent before the first call). Python floats, for logging."""
+        params = dict(self.model.named_parameters())
+        out = {}
+        for i, name in enumerate(self.names):
+            displacement = params[name].detach() - self.anchors[name]
+            entry = {
+                "distance": torch.linalg.vector_norm(
+                    displacement.to(_compute_dtype(displacement.dtype))
+                ).item()
+            }
+            if self.constraints is not None:
+                entry["constraint"] = self.constraints[i].item()
+            out[name] = entry
+        return out
+
     # -- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

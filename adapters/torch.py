@@ -37,7 +37,7 @@ __all__ = ["FTP", "L2SP", "MARSSP", "SGDFTP", "SPD", "TPGM", "AdamFTP", "AdamSPD
 
 ANCHOR_MODES = ("init", "zero", None)
 #: 0-d state: the step count, FTP's radius and its moments.
-_SCALAR_KEYS = ("step", "radius", "radius_exp_avg", "radius_exp_avg_sq")
+_SCALAR_KEYS = ("step", "radius", "radius_exp_avg", "radius_exp_avg_sq", "spd_ratio", "spd_decayed")
 #: Keys kept out of ``Optimizer.load_state_dict``'s cast to the parameter's dtype (at least float32).
 _KEPT_KEYS = (*_SCALAR_KEYS, "prev_inv_norm")
 #: Full-size state keys whose shape must equal the parameter's.
@@ -186,6 +186,15 @@ def _mars_placements(p):
 
 #: FTP's per-tensor state beside the base step's (ALGORITHMS.md §4).
 _FTP_KEYS = frozenset(("radius", "radius_exp_avg", "radius_exp_avg_sq", "prev_displacement", "prev_inv_norm"))
+#: SPD's last ratio ``r`` and whether its condition held, per anchored tensor (for `diagnostics`).
+_SPD_KEYS = frozenset(("spd_ratio", "spd_decayed"))
+
+
+def _init_spd_record(p, state):
+    """The 0-d tensors into which a SPD step records its ratio and condition (see `diagnostics`)."""
+    if "spd_ratio" not in state:
+        state["spd_ratio"] = torch.zeros((), dtype=_compute_dtype(p.dtype), device=p.device)
+        state["spd_decayed"] = torch.zeros((), dtype=torch.bool, device=p.device)
 
 
 def _check_dtype(owner, name, p):
@@ -265,6 +274,13 @@ def _zero_anchor_warning(owner, names):
         "initialised LoRA matrix would be wiped. For LoRA under FTP anchor the adapters at their "
         "own initialisation (anchor='init'); anchor='zero' is SPD's recipe (decay toward zero)."
     )
+
+
+def _item(value):
+    """A 0-d tensor (a DTensor's whole value) as a Python number."""
+    if _is_sharded(value):
+        value = value.full_tensor()
+    return value.item()
 
 
 def _keys(keys):
@@ -442,6 +458,41 @@ class _Anchored(Optimizer):
         local_states = [{key: _local(value) for key, value in state.items()} for state in states]
         return [_local(p) for p in params], [_local(g) for g in grads], local_states, shards
 
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, dict]:
+        """Per-tensor numbers to log from a training loop, by parameter name.
+
+        For every tensor of an anchored group: ``"distance"``, ``‖θ − θ₀‖₂`` (θ₀ = 0 for a zero
+        anchor); with FTP, ``"radius"``, the learned radius ``γ``; with SPD, ``"ratio"``, the last
+        step's ratio ``r = clip((‖θ̃ − θ₀‖ − ‖θ − θ₀‖) / ‖θ̃ − θ₀‖, 0, 1)``, and ``"decayed"``,
+        whether its condition ``−⟨g, θ − θ₀⟩ < 0`` held (so that ``θ`` was pulled back by ``λr``).
+        Unanchored tensors get an empty dict. The names are ``param_names`` when the optimizer was
+        given ``named_parameters()``, else ``"<group>.<index>"``.
+
+        Python floats and bools: reading them waits for the device, so call this to log, not
+        inside a compiled step.
+        """
+        out = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                name = names[i] if names else f"{gi}.{i}"
+                state = self.state.get(p, {})
+                entry = {}
+                mode = group.get("anchor")
+                if mode == "zero" or (mode == "init" and "anchor" in state):
+                    displacement = p if mode == "zero" else p - state["anchor"]
+                    entry["distance"] = _item(
+                        torch.linalg.vector_norm(displacement.to(_compute_dtype(p.dtype)))
+                    )
+                if mode is not None and "radius" in state:
+                    entry["radius"] = _item(state["radius"])
+                if mode is not None and "spd_ratio" in state:
+                    entry["ratio"] = _item(state["spd_ratio"])
+                    entry["decayed"] = bool(_item(state["spd_decayed"]))
+                out[name] = entry
+        return out
+
     def state_dict(self) -> dict:
         """The optimizer's state (anchors, moments, radii, step counts) and groups, tagged with its method.
 
@@ -531,7 +582,7 @@ class _Anchored(Optimizer):
             if key in index:
                 p = index[key][0]
                 for k, v in values.items():
-                    dtype = v.dtype if k == "step" else _compute_dtype(p.dtype)
+                    dtype = v.dtype if k in ("step", "spd_decayed") else _compute_dtype(p.dtype)
                     self.state[p][k] = v.to(device=p.device, dtype=dtype, copy=True)
 
     def _check_saved_state(self, owner, name, p, values, group):
@@ -781,7 +832,16 @@ class AdamSPD(_AdamBase):
             amsgrad=group["amsgrad"],
             scratch=self._scratch_for(params),
             shards=shards,
+            record=None if group["anchor"] is None else states,
         )
+
+    def _init_state(self, group, p, state):
+        super()._init_state(group, p, state)
+        if group["anchor"] is not None:
+            _init_spd_record(p, state)
+
+    def _known_keys(self):
+        return super()._known_keys() | _SPD_KEYS
 
 
 class SGDFTP(_Fused):
@@ -1105,6 +1165,13 @@ class SPD(_Wrapper):
     def __init__(self, optimizer: Optimizer, *, weight_decay: float) -> None:
         super().__init__(optimizer, dict(spd_weight_decay=weight_decay, anchor="init"))
 
+    def _init_state(self, group, p, state):
+        if group["anchor"] is not None:
+            _init_spd_record(p, state)
+
+    def _known_keys(self):
+        return super()._known_keys() | _SPD_KEYS
+
     def _check_group(self, group):
         super()._check_group(group)
         owner = type(self).__name__
@@ -1132,16 +1199,20 @@ class SPD(_Wrapper):
             if group["anchor"] is None:
                 continue
             for bucket_params, bucket_grads in self._buckets(params, grads):
+                for p in bucket_params:
+                    _init_spd_record(p, self.state[p])
                 params_, grads_, states, shards = self._bucket_view(bucket_params, bucket_grads)
                 anchors = _anchor_list(group, states)
                 scratch = self._scratch_for(params_)
                 alignment, squared_distance = ops.spd_measure(params_, anchors, grads_, scratch)
-                pending.append((group, params_, anchors, alignment, squared_distance, scratch, shards))
+                pending.append(
+                    (group, params_, anchors, states, alignment, squared_distance, scratch, shards)
+                )
         self.optimizer.step()
-        for group, params, anchors, alignment, squared_distance, scratch, shards in pending:
+        for group, params, anchors, states, alignment, squared_distance, scratch, shards in pending:
             _, new_squared_distance = ops.spd_measure(params, anchors, scratch=scratch)
             statistics = ops.spd_statistics(alignment, squared_distance, new_squared_distance, shards)
-            strength = 1 - ops.spd_keep(*statistics, group["spd_weight_decay"])
+            strength = 1 - ops.spd_keep(*statistics, group["spd_weight_decay"], states)
             ops.decay_toward_anchors_(params, anchors, strength)
         return loss
 

@@ -82,14 +82,15 @@ def test_state_keys_and_dtypes_bf16():
 
 
 def test_adam_spd_memory():
-    """AdamSPD keeps exp_avg, exp_avg_sq and the anchor; 'zero' stores no anchor."""
+    """AdamSPD keeps exp_avg, exp_avg_sq and the anchor; 'zero' stores no anchor; the rest is 0-d."""
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(5, 4))
     opt = _trained(AdamSPD, [{"params": [a]}, {"params": [b], "anchor": "zero"}])
     full = lambda p: sorted(k for k, v in opt.state[p].items() if v.shape == p.shape)  # noqa: E731
     assert full(a) == ["anchor", "exp_avg", "exp_avg_sq"]
     assert full(b) == ["exp_avg", "exp_avg_sq"]
-    assert sorted(opt.state[a]) == ["anchor", "exp_avg", "exp_avg_sq", "step"]
+    assert sorted(opt.state[a]) == ["anchor", "exp_avg", "exp_avg_sq", "spd_decayed", "spd_ratio", "step"]
+    assert all(opt.state[a][k].ndim == 0 for k in ("spd_decayed", "spd_ratio", "step"))
 
 
 def test_load_rejects_mismatched_anchor():
