@@ -869,6 +869,12 @@ class _Wrapper(_AnchoredOptimizer):
         # what an unbuilt wrapper saves: its iteration count and rate, then the wrapped optimizer's
         self._unbuilt_counts = (len(self._variables), len(optimizer.variables))
 
+    def __dir__(self):
+        # `keras.saving` saves and loads the children it finds in dir(): the wrapped optimizer's
+        # variables are in the wrapper's own (`variables`) already, so a file holds them once and
+        # an unbuilt wrapper's file loads into a built one (`load_own_variables`)
+        return [name for name in super().__dir__() if name != "inner_optimizer"]
+
     @property
     def variables(self):
         inner = getattr(self, "inner_optimizer", None)

@@ -49,14 +49,14 @@ def _wrapper(case, h):
     """The wrapper around ``keras.optimizers.SGD``, whose momentum step is PyTorch's at a constant rate.
 
     Keras's ``m ← μm − lr·g; θ ← θ + m`` is PyTorch's ``b ← μb + g; θ ← θ − lr·b`` with
-    ``m = −lr·b`` (the first step included, as ``b₁ = g``). The momentum is a NumPy float64:
-    Keras's TensorFlow SGD casts a Python float through float32 (0.9 becomes 0.8999999762).
+    ``m = −lr·b`` (the first step included, as ``b₁ = g``). On TensorFlow the momentum is a
+    NumPy float64: Keras's TensorFlow SGD casts a Python float through float32 (0.9 becomes
+    0.8999999762); ``torch.compile`` would reject a NumPy scalar.
     """
     if case.wrapper not in SGD_WRAPPERS or h.get("dampening", 0) or h.get("weight_decay", 0):
         return None
-    inner = keras.optimizers.SGD(
-        learning_rate=h["lr"], momentum=np.float64(h["momentum"]), nesterov=h["nesterov"]
-    )
+    momentum = np.float64(h["momentum"]) if keras.backend.backend() == "tensorflow" else h["momentum"]
+    inner = keras.optimizers.SGD(learning_rate=h["lr"], momentum=momentum, nesterov=h["nesterov"])
     cls, own = SGD_WRAPPERS[case.wrapper]
     return cls(inner, anchor=case.anchor, **{own: h[own]})
 
