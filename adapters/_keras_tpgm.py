@@ -55,6 +55,11 @@ def _value(variable):
     return ops.stop_gradient(ops.convert_to_tensor(variable))
 
 
+def _wide(x):
+    """``x`` in at least float32."""
+    return ops.cast(x, _xp.result_type(x.dtype, _xp.float32))
+
+
 def _copy(variable):
     """A copy of a variable's value in its own buffer (JAX's trainer donates the variables' buffers)."""
     return ops.copy(_value(variable))
@@ -249,8 +254,9 @@ class TPGM:
         loss_fn = _resolve_loss(self.model, loss) if iters else None
         self._check_variables()
         with _no_grad():
-            params = [_value(v) for v in self.variables]
-            displacements = [p - a for p, a in zip(params, self.anchors, strict=True)]
+            # at least float32 (ALGORITHMS.md §9): a 16-bit variable's θ_p is rounded once, at the end
+            anchors = [_wide(a) for a in self.anchors]
+            displacements = [_wide(_value(v)) - a for v, a in zip(self.variables, anchors, strict=True)]
             norms = [
                 core.tpgm_norm(c, self.norm, row_axis=axis, xp=_xp)
                 for c, axis in zip(displacements, self.row_axes, strict=True)
@@ -269,7 +275,9 @@ class TPGM:
             constraints = [
                 core.clip_constraint(g, n, xp=_xp) for g, n in zip(constraints, norms, strict=True)
             ]
-            value, grads = self._value_and_gradients(loss_fn, constraints, displacements, norms, batch)
+            value, grads = self._value_and_gradients(
+                loss_fn, constraints, anchors, displacements, norms, batch
+            )
             steps += 1
             with _no_grad():
                 for i, grad in enumerate(grads):
@@ -290,14 +298,14 @@ class TPGM:
                 core.clip_constraint(g, n, xp=_xp) for g, n in zip(constraints, norms, strict=True)
             ]
             for variable, anchor, c, n, gamma in zip(
-                self.variables, self.anchors, displacements, norms, constraints, strict=True
+                self.variables, anchors, displacements, norms, constraints, strict=True
             ):
                 projected = core.tpgm_projected(anchor, c, core.projection_ratio(gamma, n, xp=_xp), xp=_xp)
                 variable.assign(ops.cast(projected, variable.dtype))
         self.constraints, self.exp_avg, self.exp_avg_sq, self.steps = constraints, exp_avg, exp_avg_sq, steps
         return value
 
-    def _value_and_gradients(self, loss_fn, constraints, displacements, norms, batch):
+    def _value_and_gradients(self, loss_fn, constraints, anchors, displacements, norms, batch):
         """The validation loss at ``θ_p(γ)`` on ``batch`` and its gradient with respect to each ``γ``."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
         if y is None:
@@ -307,7 +315,7 @@ class TPGM:
         constrained = {id(v): i for i, v in enumerate(self.variables)}
         slots = tuple((j, constrained[id(v)]) for j, v in enumerate(variables) if id(v) in constrained)
         values = [_value(v) for v in variables]
-        context = (list(self.anchors), displacements, norms, values, x, y, sample_weight)
+        context = (anchors, displacements, norms, values, x, y, sample_weight)
         return _value_and_gradients(self._objective(loss_fn, variables, slots), list(constraints), context)
 
     def _objective(self, loss_fn, variables, slots):
@@ -324,7 +332,8 @@ class TPGM:
             values = list(values)
             for j, i in slots:
                 ratio = core.projection_ratio(constraints[i], norms[i], xp=_xp)
-                values[j] = core.tpgm_projected(anchors[i], displacements[i], ratio, xp=_xp)
+                projected = core.tpgm_projected(anchors[i], displacements[i], ratio, xp=_xp)
+                values[j] = ops.cast(projected, variables[j].dtype)
             with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
                 y_pred = model(x, training=False)
             return _mean_loss(loss_fn, y, y_pred, sample_weight)

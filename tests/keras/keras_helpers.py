@@ -1,10 +1,12 @@
-"""Models for the Keras tests whose float64 forward pass is float64 on every backend.
+"""Models and a loss for the Keras tests whose float64 computation is float64 on every backend.
 
 Keras 3.15 folds ``result_type(float64, float64)`` to float32 on the JAX and torch backends,
-so ``keras.ops.matmul`` (hence ``Dense``) computes a float64 network in float32 there, and
-differently under ``jit_compile``. `Linear` is ``Dense`` written as a broadcast product and a
-sum, which every backend computes in the inputs' dtype; its kernel is ``(in, out)`` and named
-``kernel``, so `tether.adapters.keras.default_row_axis` puts its rows on the last axis.
+so ``keras.ops.matmul`` (hence ``Dense``) computes a float64 network in float32 on torch, and
+``keras.ops.mean`` (hence ``MeanSquaredError``) on JAX; XLA's float64 ``tanh`` on a CPU is
+8e-8 from NumPy's. `Linear` is ``Dense`` written as a broadcast product and a sum, which every
+backend computes in the inputs' dtype; its kernel is ``(in, out)`` and named ``kernel``, so
+`tether.adapters.keras.default_row_axis` puts its rows on the last axis. `exact_mse` is the
+mean squared error as a sum divided by the count.
 """
 
 import keras
@@ -45,13 +47,19 @@ class Linear(keras.layers.Layer):
         return config
 
 
-def mlp(inputs=6, hidden=16, outputs=2, *, seed=0, dtype=None, name="net"):
-    """``Linear(hidden, tanh)`` (``body``) then ``Linear(outputs)`` (``head``), random weights from ``seed``."""
+def exact_mse(y_true, y_pred):
+    """The mean of ``(y_pred − y_true)²`` over every entry (the batch and the outputs)."""
+    d = y_pred - ops.cast(y_true, y_pred.dtype)
+    return ops.sum(d * d) / float(np.prod(tuple(d.shape)))
+
+
+def mlp(inputs=6, hidden=16, outputs=2, *, seed=0, dtype=None, name="net", activation="tanh"):
+    """``Linear(hidden, activation)`` (``body``) then ``Linear(outputs)`` (``head``), random weights."""
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
         [
             keras.Input((inputs,), dtype=dtype),
-            Linear(hidden, activation="tanh", name="body", dtype=dtype),
+            Linear(hidden, activation=activation, name="body", dtype=dtype),
             Linear(outputs, name="head", dtype=dtype),
         ],
         name=name,
