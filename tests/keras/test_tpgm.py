@@ -161,11 +161,11 @@ def test_the_first_call_sets_each_constraint_to_half_the_smallest_norm(float64):
 
 @keras.saving.register_keras_serializable(package="tether_tests")
 class Recorder(keras.layers.Layer):
-    """Identity that records the ``training`` flag it is called with."""
+    """Identity that records the ``training`` flag it is called with (training unless told otherwise)."""
 
     seen: ClassVar[list] = []
 
-    def call(self, x, training=None):
+    def call(self, x, training=True):
         Recorder.seen.append(training)
         return x
 
