@@ -89,6 +89,10 @@ class _KerasNamespace:
         return ops.where(ops.logical_or(x1 > x2, ops.isnan(x1)), x1, x2)
 
     @staticmethod
+    def min(x, axis=None, keepdims=False):
+        return ops.min(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
     def ones_like(x, dtype=None):
         return ops.ones_like(x, dtype=None if dtype is None else _dtype(dtype))
 

@@ -21,7 +21,6 @@ variable's ``row_axis`` (by default -1 for kernels, 0 for everything else) and t
 same model gives the same numbers as in PyTorch.
 """
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -33,14 +32,42 @@ from keras import ops
 
 from tether import core
 
+from ._keras_common import (
+    KERNEL_NAMES,
+    _check,
+    _check_row_axis,
+    _copy_initializer,
+    _is_empty,
+    _is_real_floating,
+    _listing,
+    _no_grad,
+    _outside_trace,
+    _path,
+    _same_path,
+    default_row_axis,
+)
 from ._keras_ops import keras_namespace as _xp
+from ._keras_tpgm import TPGM, TPGMCallback, wise_ft
 
 if keras.backend.backend() == "torch":
     from . import _keras_torch
 else:
     _keras_torch = None
 
-__all__ = ["KERNEL_NAMES", "AdamFTP", "AdamSPD", "SGDFTP", "default_row_axis"]
+__all__ = [
+    "FTP",
+    "KERNEL_NAMES",
+    "L2SP",
+    "MARSSP",
+    "SGDFTP",
+    "SPD",
+    "TPGM",
+    "AdamFTP",
+    "AdamSPD",
+    "TPGMCallback",
+    "default_row_axis",
+    "wise_ft",
+]
 
 ANCHOR_MODES = ("init", "zero")
 
@@ -66,15 +93,6 @@ def _float64_on_jax():
 _float64_on_jax()
 
 
-def _no_grad():
-    """``torch.no_grad()`` on the torch backend (no autograd graph for the update), else nothing."""
-    if keras.backend.backend() == "torch":
-        import torch
-
-        return torch.no_grad()
-    return contextlib.nullcontext()
-
-
 def _dense(gradient):
     """A dense gradient: TensorFlow gives embeddings ``IndexedSlices``; FTP's and SPD's sums span the tensor."""
     if keras.backend.backend() == "tensorflow":
@@ -90,86 +108,10 @@ def _read(variable, dtype):
     return ops.cast(ops.convert_to_tensor(variable), dtype)
 
 
-def _check(name, value, low, high, *, high_open=False):
-    """Raise a clear ``ValueError`` unless ``low <= value <= high`` (``< high`` when ``high_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a number, got {value!r}")
-    if not (low <= value and (value < high if high_open else value <= high)):
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"`{name}` must be in [{low}, {high}{bracket}, got {value!r}")
-    return float(value)
-
-
 def _check_learning_rate(learning_rate):
     """A number must be finite and ``>= 0``; a schedule, a callable or a tensor is the base class's."""
     if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
         _check("learning_rate", learning_rate, 0.0, math.inf, high_open=True)
-
-
-def _check_row_axis(row_axis):
-    """``None`` (the default rule), an int, or a callable ``variable -> int``."""
-    if row_axis is None or callable(row_axis):
-        return row_axis
-    if isinstance(row_axis, bool) or not isinstance(row_axis, numbers.Integral):
-        raise ValueError(f"`row_axis` must be None, an int or a callable `variable -> int`, got {row_axis!r}")
-    return int(row_axis)
-
-
-def _path(variable):
-    """A variable's path (``"model/dense/kernel"``), or its name when it has none."""
-    return getattr(variable, "path", None) or str(variable.name)
-
-
-#: Names of the variables whose outputs are on the last axis: a ``Dense``/``Conv``/``EinsumDense``
-#: kernel, and the LoRA factors ``enable_lora`` adds to them (``(in, rank)`` and ``(rank, out)``).
-KERNEL_NAMES = ("kernel", "lora_kernel_a", "lora_kernel_b")
-
-
-def default_row_axis(variable) -> int:
-    """The row axis of ``variable`` when ``row_axis=None``: -1 for a kernel of 2 axes or more, else 0.
-
-    A row is an output unit (ALGORITHMS.md §1). Keras keeps a ``Dense`` kernel as
-    ``(in, out)`` and a ``Conv2D`` kernel as ``(kh, kw, in, out)``: their outputs are on the
-    last axis. A variable whose name (or its path's last component) is one of
-    `KERNEL_NAMES` takes axis -1; embeddings ``(num, dim)``, biases and everything else
-    axis 0, as in PyTorch's layout.
-    """
-    names = {str(variable.name).split(":")[0], _path(variable).rsplit("/", 1)[-1]}
-    return -1 if len(variable.shape) >= 2 and names & set(KERNEL_NAMES) else 0
-
-
-def _is_real_floating(dtype):
-    dtype = keras.backend.standardize_dtype(dtype)
-    return dtype.startswith("float") or dtype == "bfloat16"
-
-
-def _is_empty(variable):
-    return any(d == 0 for d in variable.shape)
-
-
-def _outside_trace():
-    """``tf.init_scope()`` on TensorFlow, else nothing.
-
-    Keras's TensorFlow trainer builds the optimizer inside the traced train step. A
-    variable created there whose initial value reads a model variable cannot be
-    lifted out of the graph (the value is captured as a graph input once it has more
-    than 128 entries), and ``jit_compile=True`` requires the lift. Created in the
-    init scope, it is an ordinary eager variable, initialised at once.
-    """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.init_scope()
-    return contextlib.nullcontext()
-
-
-def _copy_initializer(variable):
-    """An initializer whose value is a copy of ``variable`` now (its own buffer, never an alias)."""
-
-    def initializer(shape, dtype=None):
-        return ops.copy(ops.cast(ops.convert_to_tensor(variable), dtype))
-
-    return initializer
 
 
 def _is_nonzero(variable):
@@ -178,24 +120,6 @@ def _is_nonzero(variable):
         return False
     with _outside_trace():
         return bool(ops.any(ops.not_equal(variable.value, 0)))
-
-
-def _same_path(saved, path):
-    """Whether a variable's ``path`` is the ``saved`` one, up to the model's name scope.
-
-    Keras puts a model's name in front of its variables' paths when it builds the model
-    (``net/head/kernel``), not when ``load_model`` rebuilds it (``head/kernel``): a path
-    matches a saved one that ends with it, if it has a layer and a variable name at least.
-    """
-    if saved == path:
-        return True
-    shorter, longer = sorted((saved, path), key=len)
-    return "/" in shorter and longer.endswith("/" + shorter)
-
-
-def _listing(paths, limit=8):
-    shown = ", ".join(f"`{p}`" for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def _after(value, previous):
@@ -349,7 +273,8 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
             # Each variable counts its own steps (ALGORITHMS.md §0): one whose gradient
             # is None in a step is filtered out by the base class and must not advance,
             # which `self.iterations + 1` would get wrong.
-            self._steps.append(self._slot(variable, "step", shape=(), dtype="int") if used else None)
+            counted = used and self._counts_steps(mode)
+            self._steps.append(self._slot(variable, "step", shape=(), dtype="int") if counted else None)
             anchor = None
             if mode == "init":
                 # made outside the traced train step (TensorFlow), so jit_compile can lift it
@@ -357,6 +282,10 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
                     anchor = self._slot(variable, "anchor", initializer=_copy_initializer(variable))
             self._anchors.append(anchor)
         self._build_slots(var_list)
+
+    def _counts_steps(self, mode):
+        """Whether a variable in anchor ``mode`` (``None``: unanchored) keeps a step count."""
+        return True
 
     def _build_slots(self, var_list):
         raise NotImplementedError
@@ -419,7 +348,12 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
 
     def get_config(self):
         config = super().get_config()
-        config["anchor"] = self.anchor
+        config.update(self._anchor_config())
+        return config
+
+    def _anchor_config(self):
+        """``anchor`` and, when any, the exclusions (see `exclude_from_anchor`)."""
+        config = {"anchor": self.anchor}
         # Variables themselves cannot go in a config. Before the optimizer is built, those
         # given by object are recorded by path; once it is built, every excluded one by its
         # position (`load_model` rebuilds on the same variable list, as the optimizer's own
@@ -446,16 +380,20 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
         loaded (Keras loads a model's layers before its optimizer): the anchors a ``fit``
         would have taken from them.
         """
-        count = self._unbuilt_variable_count
-        if not (self.built and len(store.keys()) == count < len(self.variables)):
+        unbuilt = self._unbuilt_variables()
+        if not (self.built and len(store.keys()) == len(unbuilt) < len(self.variables)):
             super().load_own_variables(store)
             return
-        for i, variable in enumerate(self.variables[:count]):
+        for i, variable in enumerate(unbuilt):
             variable.assign(store[str(i)])
         for anchor, variable in zip(self._anchors, self._trainable_variables):
             if anchor is not None:
                 # a copy: on JAX a shared buffer would be donated twice by the train step
                 anchor.assign(_copy_initializer(variable)(anchor.shape, anchor.dtype))
+
+    def _unbuilt_variables(self):
+        """The variables an unbuilt optimizer has (and saves), in the order it saves them."""
+        return self.variables[: self._unbuilt_variable_count]
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -472,9 +410,11 @@ class _AnchoredOptimizer(keras.optimizers.Optimizer):
         return optimizer
 
 
-class _FTP:
-    """FTP's part of `AdamFTP` and `SGDFTP` (a mixin before their base): its slots, its
-    projection, the row axis of its MARS norm, and the warning about zero anchors.
+class _Rows:
+    """The row axis of a MARS norm (a mixin before the optimizer's base): FTP's and MARS-SP's.
+
+    Each variable's axis is resolved in ``build`` from ``row_axis`` (see `default_row_axis`)
+    and recorded in the config by position.
     """
 
     _uses_rows = True
@@ -501,6 +441,37 @@ class _FTP:
                 ) from None
             axes.append(0 if resolved is None else resolved)
         return axes
+
+    def row_axis_of(self, variable) -> int:
+        """The row axis (non-negative) of a model variable's MARS norm: resolved once built, else the rule."""
+        if self.built and self._var_key(variable) in self._trainable_variables_indices:
+            return self._row_axes[self._get_variable_index(variable)]
+        return self._resolve_row_axes([variable])[0]
+
+    def get_config(self):
+        """``row_axis`` (an int or None), and once built each variable's resolved axis by position.
+
+        A callable cannot be saved: once the optimizer is built, the axes it gave stand for
+        it; before that, saving it raises.
+        """
+        config = super().get_config()
+        config["row_axis"] = None if callable(self.row_axis) else self.row_axis
+        row_axes = self._row_axes if self.built else self._saved_row_axes
+        if row_axes is not None:
+            config["row_axes"] = list(row_axes)
+        elif callable(self.row_axis):
+            raise ValueError(
+                f"{type(self).__name__}: a callable `row_axis` cannot be saved in a config; build "
+                "the optimizer first (`optimizer.build(model.trainable_variables)`, or after the "
+                "first `fit`), and the config records the axis it gave each variable"
+            )
+        return config
+
+
+class _FTP(_Rows):
+    """FTP's part of `AdamFTP`, `SGDFTP` and `FTP` (a mixin before their base): its slots, its
+    projection, and the warning about zero anchors.
+    """
 
     def _build_ftp_slots(self, var_list):
         """FTP's radius (γ, m_γ, v_γ: 0-d, at least float32), c_prev and s_prev per anchored variable.
@@ -545,12 +516,6 @@ class _FTP:
             self.assign(slot, value)
         return new_param, new_state.radius
 
-    def row_axis_of(self, variable) -> int:
-        """The row axis (non-negative) FTP uses for a model variable: resolved once built, else the rule."""
-        if self.built and self._var_key(variable) in self._trainable_variables_indices:
-            return self._row_axes[self._get_variable_index(variable)]
-        return self._resolve_row_axes([variable])[0]
-
     def _warn_zero_anchor(self, var_list):
         """Warn when FTP projects a variable that is not zero around a zero anchor (it would be wiped)."""
         nonzero = [_path(v) for v, mode in zip(var_list, self._modes) if mode == "zero" and _is_nonzero(v)]
@@ -564,25 +529,6 @@ class _FTP:
                 UserWarning,
                 stacklevel=3,
             )
-
-    def get_config(self):
-        """``row_axis`` (an int or None), and once built each variable's resolved axis by position.
-
-        A callable cannot be saved: once the optimizer is built, the axes it gave stand for
-        it; before that, saving it raises.
-        """
-        config = super().get_config()
-        config["row_axis"] = None if callable(self.row_axis) else self.row_axis
-        row_axes = self._row_axes if self.built else self._saved_row_axes
-        if row_axes is not None:
-            config["row_axes"] = list(row_axes)
-        elif callable(self.row_axis):
-            raise ValueError(
-                f"{type(self).__name__}: a callable `row_axis` cannot be saved in a config; build "
-                "the optimizer first (`optimizer.build(model.trainable_variables)`, or after the "
-                "first `fit`), and the config records the axis it gave each variable"
-            )
-        return config
 
     _constrain = _ftp_constrain
 
@@ -898,3 +844,441 @@ class AdamSPD(_AdamBase):
 
     def _torch_step(self, mode, indices, params, grads, t, lr):
         _keras_torch.adam_spd(self, mode, indices, params, grads, t, lr)
+
+
+class _Wrapper(_AnchoredOptimizer):
+    """Around a Keras optimizer (ALGORITHMS.md §6, §8): the anchors and the method's state here,
+    the base step the wrapped optimizer's own ``apply``, as ``LossScaleOptimizer`` wraps one.
+
+    The wrapped optimizer owns the learning rate (and its schedule), the iteration count,
+    gradient clipping, loss scaling, EMA and gradient accumulation; ``variables`` is the
+    wrapper's and then the wrapped optimizer's, so ``model.save`` and ``stateless_apply``
+    (JAX) carry both. Subclasses adjust the gradients in `_before` and the variables in
+    `_after`.
+    """
+
+    #: whether the method changes θ after the wrapped step: the wrapped optimizer must then apply
+    #: every step (no gradient accumulation) and average no unprojected weights (no EMA)
+    _changes_weights = True
+
+    def __init__(self, optimizer, *, anchor="init", weight_decay=0.0, name=None):
+        _check_wrapped(type(self).__name__, optimizer, self._changes_weights)
+        # the learning rate is the wrapped optimizer's (see `learning_rate`)
+        super().__init__(0.0, weight_decay=weight_decay, anchor=anchor, name=name)
+        self.inner_optimizer = optimizer
+        # what an unbuilt wrapper saves: its iteration count and rate, then the wrapped optimizer's
+        self._unbuilt_counts = (len(self._variables), len(optimizer.variables))
+
+    def __dir__(self):
+        # `keras.saving` saves and loads the children it finds in dir(): the wrapped optimizer's
+        # variables are in the wrapper's own (`variables`) already, so a file holds them once and
+        # an unbuilt wrapper's file loads into a built one (`load_own_variables`)
+        return [name for name in super().__dir__() if name != "inner_optimizer"]
+
+    @property
+    def variables(self):
+        inner = getattr(self, "inner_optimizer", None)
+        return self._variables[:] + ([] if inner is None else inner.variables)
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def loss_scale_factor(self):
+        inner = getattr(self, "inner_optimizer", None)
+        return None if inner is None else inner.loss_scale_factor
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        # a LossScaleOptimizer around the wrapper turns the wrapped optimizer's scaling off
+        inner = getattr(self, "inner_optimizer", None)
+        if inner is not None:
+            inner.loss_scale_factor = value
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def _counts_steps(self, mode):
+        return False
+
+    def _build_slots(self, var_list):
+        self.inner_optimizer.build(var_list)
+
+    def _unbuilt_variables(self):
+        own, inner = self._unbuilt_counts
+        return self._variables[:own] + self.inner_optimizer.variables[:inner]
+
+    def apply(self, grads, trainable_variables=None):
+        """The method's work before the wrapped optimizer's ``apply`` and after it.
+
+        Everything that can be wrong with the gradients (one that is not real floating-point)
+        raises before any variable is updated.
+        """
+        grads = list(grads)
+        if not grads:
+            return
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    f"{type(self).__name__}: pass the variables, or build the optimizer first "
+                    "(`optimizer.build(model.trainable_variables)`)"
+                )
+            variables = self._trainable_variables
+        else:
+            variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(variables)
+                self.built = True
+            self._check_variables_are_known(variables)
+        if len(grads) != len(variables):
+            raise ValueError(f"{type(self).__name__}: {len(grads)} gradients for {len(variables)} variables")
+        for gradient, variable in zip(grads, variables):
+            if gradient is not None and not _is_real_floating(gradient.dtype):
+                raise TypeError(
+                    f"{type(self).__name__}: the gradient of `{_path(variable)}` is "
+                    f"{keras.backend.standardize_dtype(gradient.dtype)}, not real floating-point"
+                )
+        # (position, index, variable) of each anchored variable this step moves
+        work = []
+        for position, (gradient, variable) in enumerate(zip(grads, variables)):
+            index = self._get_variable_index(variable)
+            if gradient is not None and not _is_empty(variable) and self._modes[index] is not None:
+                work.append((position, index, variable))
+        with _no_grad():
+            grads, context = self._before(grads, variables, work)
+            self.inner_optimizer.apply(grads, trainable_variables)
+            self._after(work, context)
+
+    def _before(self, grads, variables, work):
+        """The gradients the wrapped optimizer steps with, and what `_after` needs."""
+        return grads, None
+
+    def _after(self, work, context):
+        """The method's update of the anchored variables after the wrapped step."""
+
+    def _processed(self, grads, variables):
+        """The gradients as the wrapped optimizer steps with them (unscaled, clipped), by position.
+
+        FTP's radius gradient and SPD's condition take them, as the fused optimizers take the
+        gradient the base class hands their ``update_step``.
+        """
+        inner = self.inner_optimizer
+        kept = [
+            i
+            for i, (g, v) in enumerate(zip(grads, variables))
+            if g is not None and not inner._overwrite_variable_with_gradient(v)
+        ]
+        values = [_dense(grads[i]) for i in kept]
+        if inner.loss_scale_factor is not None:
+            values = [g / inner.loss_scale_factor for g in values]
+        processed = [None] * len(grads)
+        for i, value in zip(kept, inner._clip_gradients(values)):
+            processed[i] = value
+        return processed
+
+    def _compute(self, variable, index):
+        """``(dtype, θ, θ₀)``: at least float32 (a 16-bit variable is computed in float32)."""
+        dtype = _xp.result_type(variable.dtype, _xp.float32)
+        anchor = _read(self._anchors[index], dtype) if self._modes[index] == "init" else None
+        return dtype, _read(variable, dtype), anchor
+
+    def get_config(self):
+        """The wrapped optimizer (serialized), ``anchor`` and the exclusions; the subclass's own arguments."""
+        config = {"name": self.name, "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
+        config.update(self._anchor_config())
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["optimizer"] = keras.saving.deserialize_keras_object(
+            config["optimizer"], custom_objects=custom_objects
+        )
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _check_wrapped(owner, optimizer, changes_weights):
+    """Raise unless ``optimizer`` is an unbuilt Keras optimizer the wrapper can step."""
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            f"{owner}: optimizer must be a keras.optimizers.Optimizer, got {type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            f"{owner}: wrap the optimizer itself, not a LossScaleOptimizer (`compile` puts one "
+            "around the wrapper under the mixed_float16 policy)"
+        )
+    if isinstance(optimizer, _AnchoredOptimizer):
+        raise ValueError(f"{owner}: wrap a Keras optimizer, not tether's {type(optimizer).__name__}")
+    if optimizer.built:
+        raise ValueError(f"{owner}: the wrapped optimizer is already built; wrap a new one")
+    if changes_weights and optimizer.use_ema:
+        raise ValueError(
+            f"{owner}: the wrapped optimizer has use_ema=True; its average would be of the weights "
+            "before the projection"
+        )
+    if changes_weights and optimizer.gradient_accumulation_steps:
+        raise ValueError(
+            f"{owner}: the wrapped optimizer has gradient_accumulation_steps="
+            f"{optimizer.gradient_accumulation_steps}; the method must follow every update it applies"
+        )
+
+
+@keras.saving.register_keras_serializable(package="tether")
+class FTP(_FTP, _Wrapper):
+    r"""Fast Trainable Projection around any Keras optimizer.
+
+    Tian et al., "Fast Trainable Projection for Robust Fine-Tuning", NeurIPS 2023
+    (``ALGORITHMS.md`` §6). After the wrapped optimizer's step $\tilde\theta$, each anchored
+    variable is projected with the learned radius $\gamma$ of `AdamFTP`:
+
+    $$
+    c = \tilde\theta - \theta_0, \quad n = \operatorname{MARS}(c) + 10^{-8}, \quad
+    \gamma \leftarrow \operatorname{clip}(\gamma - \text{AdamUtil}(\nabla\gamma), 10^{-8}, \max n),
+    \quad \theta \leftarrow \theta_0 + \operatorname{clip}(\gamma / n, 0, 1) \odot c
+    $$
+
+    with $\nabla\gamma = \sum \operatorname{rowdot}(g, c_{prev}) \odot s_{prev}$ ($\times k$
+    when positive). The base's own weight decay (``AdamW``'s), if any, is inside
+    $\tilde\theta$ and projected too. ``FTP(keras.optimizers.SGD(...))`` equals `SGDFTP` up
+    to rounding where the two base steps are the same (SGD with momentum and a constant
+    learning rate; Keras's ``Adam`` places $\epsilon$ differently from tether's).
+
+    $g$ is the gradient as the wrapped optimizer steps with it (unscaled and clipped by
+    it). The learning rate, its schedule, clipping and the iteration count are the wrapped
+    optimizer's; its ``use_ema`` and ``gradient_accumulation_steps`` must be off.
+
+    Args:
+        optimizer: the base ``keras.optimizers.Optimizer``, not built yet.
+        k: in ``[0, 1]``; positive radius gradients are multiplied by ``k``.
+        anchor: ``"init"`` (the weights when the optimizer is built) or ``"zero"``.
+        row_axis: the axis of each variable's output units, as in `AdamFTP`.
+        name: the optimizer's name.
+    """
+
+    def __init__(
+        self,
+        optimizer: keras.optimizers.Optimizer,
+        *,
+        k: float = 1.0,
+        anchor: str = "init",
+        row_axis: int | Callable[[Any], int] | None = None,
+        name: str | None = None,
+    ):
+        k = _check("k", k, 0.0, 1.0)
+        row_axis = _check_row_axis(row_axis)
+        super().__init__(optimizer, anchor=anchor, name=name)
+        self.k = k
+        self.row_axis = row_axis
+
+    def _counts_steps(self, mode):
+        return mode is not None
+
+    def _build_slots(self, var_list):
+        super()._build_slots(var_list)
+        self._build_ftp_slots(var_list)
+
+    def _before(self, grads, variables, work):
+        return grads, self._processed(grads, variables)
+
+    def _after(self, work, processed):
+        for position, index, variable in work:
+            dtype, param, anchor = self._compute(variable, index)
+            step = ops.convert_to_tensor(self._steps[index]) + 1
+            grad = ops.cast(processed[position], dtype)
+            # θ̃ is the variable now: a zero direction makes core.ftp_project's c = θ̃ − θ₀ exactly
+            new_param, _ = self._ftp_constrain(index, param, ops.zeros((), dtype), anchor, grad, step)
+            self.assign(self._steps[index], step)
+            self.assign(variable, new_param)
+
+    def get_config(self):
+        config = super().get_config()
+        config["k"] = self.k
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tether")
+class SPD(_Wrapper):
+    r"""Selective Projection Decay around any Keras optimizer that does not decay weights itself.
+
+    Tian et al., "Rethinking Weight Decay for Robust Fine-Tuning of Foundation Models",
+    NeurIPS 2024 (``ALGORITHMS.md`` §6). Before the wrapped step it measures
+    $\langle g, \theta - \theta_0 \rangle$ and $\|\theta - \theta_0\|_2$ per anchored
+    variable; after it, where $c = -\langle g, \theta - \theta_0 \rangle < 0$:
+
+    $$
+    \theta \leftarrow \tilde\theta - \lambda\, r\, (\tilde\theta - \theta_0), \qquad
+    r = \operatorname{clip}\Big(\frac{\|\tilde\theta - \theta_0\|_2 - \|\theta - \theta_0\|_2}
+    {\|\tilde\theta - \theta_0\|_2}, 0, 1\Big)
+    $$
+
+    ``SPD(adam_like, weight_decay=λ)`` equals `AdamSPD` up to rounding where the two Adam
+    steps are the same (Keras's ``Adam`` adds $\epsilon$ before the second moment's bias
+    correction, tether's after it: equal when $\epsilon$ is negligible). $g$ is the gradient
+    as the wrapped optimizer steps with it.
+
+    Args:
+        optimizer: the base ``keras.optimizers.Optimizer``, not built yet, whose own
+            ``weight_decay`` is unset (SPD replaces weight decay; ``AdamW`` decays by default).
+        weight_decay: SPD's $\lambda \ge 0$ (not multiplied by the learning rate).
+        anchor: ``"init"`` or ``"zero"``.
+        name: the optimizer's name.
+    """
+
+    def __init__(
+        self,
+        optimizer: keras.optimizers.Optimizer,
+        *,
+        weight_decay: float,
+        anchor: str = "init",
+        name: str | None = None,
+    ):
+        own = getattr(optimizer, "weight_decay", None)
+        if own:
+            raise ValueError(
+                f"SPD: the wrapped optimizer has weight_decay={own!r}; SPD replaces weight decay, "
+                "so the base's must be None or 0"
+            )
+        super().__init__(optimizer, anchor=anchor, weight_decay=weight_decay, name=name)
+
+    def _before(self, grads, variables, work):
+        processed = self._processed(grads, variables)
+        statistics = []
+        for position, index, variable in work:
+            dtype, param, anchor = self._compute(variable, index)
+            statistics.append(
+                core.spd_statistics(param, anchor, ops.cast(processed[position], dtype), xp=_xp)
+            )
+        return grads, statistics
+
+    def _after(self, work, statistics):
+        for (_, index, variable), measured in zip(work, statistics, strict=True):
+            _, new_param, anchor = self._compute(variable, index)
+            self.assign(variable, core.spd_decay(new_param, anchor, measured, self.weight_decay, xp=_xp))
+
+    def get_config(self):
+        config = super().get_config()
+        config["weight_decay"] = self.weight_decay
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tether")
+class L2SP(_Wrapper):
+    r"""L2-SP around any Keras optimizer: an L2 penalty toward the anchor, seen as a gradient term.
+
+    Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional
+    Networks", ICML 2018 (``ALGORITHMS.md`` §8). The loss gains
+    $\frac{\alpha}{2} \|\theta - \theta_0\|_2^2$ over the anchored variables, so the wrapped
+    optimizer steps on
+
+    $$
+    g \leftarrow g + \alpha\,(\theta - \theta_0)
+    $$
+
+    and its momentum or Adam's moments see the penalty; so do its gradient clipping (as if
+    the penalty were in the loss) and its gradient accumulation and EMA, which L2-SP allows.
+    Unanchored variables (a new head) take the plain step.
+
+    Args:
+        optimizer: the base ``keras.optimizers.Optimizer``, not built yet.
+        alpha: the penalty's strength $\alpha \ge 0$.
+        anchor: ``"init"`` or ``"zero"`` (the plain L2 penalty $\frac{\alpha}{2}\|\theta\|^2$).
+        name: the optimizer's name.
+    """
+
+    _changes_weights = False
+
+    def __init__(
+        self,
+        optimizer: keras.optimizers.Optimizer,
+        *,
+        alpha: float,
+        anchor: str = "init",
+        name: str | None = None,
+    ):
+        alpha = _check("alpha", alpha, 0.0, math.inf, high_open=True)
+        super().__init__(optimizer, anchor=anchor, name=name)
+        self.alpha = alpha
+
+    def _before(self, grads, variables, work):
+        # the wrapped optimizer divides by its loss scale: the penalty is scaled to match
+        scale = self.inner_optimizer.loss_scale_factor
+        alpha = self.alpha if scale is None else self.alpha * scale
+        grads = list(grads)
+        for position, index, variable in work:
+            gradient = _dense(grads[position])
+            dtype, param, anchor = self._compute(variable, index)
+            penalized = core.l2_sp_gradient(ops.cast(gradient, dtype), param, anchor, alpha, xp=_xp)
+            grads[position] = ops.cast(penalized, gradient.dtype)
+        return grads, None
+
+    def get_config(self):
+        config = super().get_config()
+        config["alpha"] = self.alpha
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tether")
+class MARSSP(_Rows, _Wrapper):
+    r"""MARS-SP around any Keras optimizer: after each step, the projection onto a fixed MARS ball.
+
+    Gouk, Hospedales, Pontil, "Distance-Based Regularisation of Deep Networks for Fine-Tuning",
+    ICLR 2021 (``ALGORITHMS.md`` §8). After the wrapped optimizer's step $\tilde\theta$, each
+    anchored variable is projected, row by row (the output units), onto the ball of radius
+    $\gamma$:
+
+    $$
+    c = \tilde\theta - \theta_0, \quad n = \operatorname{MARS}(c), \quad
+    \theta \leftarrow \theta_0 + \operatorname{clip}(\gamma / n, 0, 1) \odot c
+    $$
+
+    Rows inside the ball are untouched. FTP (`FTP`, `AdamFTP`) learns this radius per
+    variable instead. The wrapped optimizer's ``use_ema`` and ``gradient_accumulation_steps``
+    must be off.
+
+    Args:
+        optimizer: the base ``keras.optimizers.Optimizer``, not built yet.
+        radius: the fixed radius $\gamma \ge 0$ of every anchored variable's rows.
+        anchor: ``"init"`` or ``"zero"``.
+        row_axis: the axis of each variable's output units, as in `AdamFTP` (``None``: -1 for
+            a kernel, 0 for everything else).
+        name: the optimizer's name.
+    """
+
+    def __init__(
+        self,
+        optimizer: keras.optimizers.Optimizer,
+        *,
+        radius: float,
+        anchor: str = "init",
+        row_axis: int | Callable[[Any], int] | None = None,
+        name: str | None = None,
+    ):
+        radius = _check("radius", radius, 0.0, math.inf, high_open=True)
+        row_axis = _check_row_axis(row_axis)
+        super().__init__(optimizer, anchor=anchor, name=name)
+        self.radius = radius
+        self.row_axis = row_axis
+
+    def _after(self, work, context):
+        for _, index, variable in work:
+            _, new_param, anchor = self._compute(variable, index)
+            projected = core.mars_sp_project(
+                new_param, anchor, self.radius, row_axis=self._row_axes[index], xp=_xp
+            )
+            self.assign(variable, projected)
+
+    def get_config(self):
+        config = super().get_config()
+        config["radius"] = self.radius
+        return config

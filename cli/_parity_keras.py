@@ -14,7 +14,7 @@ from keras import ops
 
 from tether.adapters import keras as tk
 
-from ._parity_cases import MLP, SameModel, full_hparams
+from ._parity_cases import MLP, MODEL_KINDS, SameModel, finetuning_steps, full_hparams
 from ._workers import devices
 
 
@@ -24,18 +24,41 @@ def _default_device():
 
 
 FUSED = {"adam_ftp": tk.AdamFTP, "sgd_ftp": tk.SGDFTP, "adam_spd": tk.AdamSPD}
+#: The wrappers whose case has an SGD base, and the wrapper's own hyperparameter.
+SGD_WRAPPERS = {"ftp": (tk.FTP, "k"), "l2sp": (tk.L2SP, "alpha"), "marssp": (tk.MARSSP, "radius")}
 
 
 def build(case):
-    """The case's Keras optimizer, its hyperparameters renamed from PyTorch's to Keras's."""
-    if case.wrapper:
-        return None  # Keras has no wrapper form: the fused optimizers are the API
+    """The case's Keras optimizer, its hyperparameters renamed from PyTorch's to Keras's.
+
+    `None` (n/a) where Keras has no base step equal to PyTorch's: the wrappers around Adam
+    (``keras.optimizers.Adam`` adds ε before the bias correction of the second moment, PyTorch
+    after it) and SGD with dampening or coupled weight decay.
+    """
     h = full_hparams(case)
+    if case.wrapper:
+        return _wrapper(case, h)
     h["learning_rate"] = h.pop("lr")
     if "betas" in h:
         h["beta_1"], h["beta_2"] = h.pop("betas")
         h["epsilon"] = h.pop("eps")
     return FUSED[case.kind](**h, anchor=case.anchor)
+
+
+def _wrapper(case, h):
+    """The wrapper around ``keras.optimizers.SGD``, whose momentum step is PyTorch's at a constant rate.
+
+    Keras's ``m ← μm − lr·g; θ ← θ + m`` is PyTorch's ``b ← μb + g; θ ← θ − lr·b`` with
+    ``m = −lr·b`` (the first step included, as ``b₁ = g``). On TensorFlow the momentum is a
+    NumPy float64: Keras's TensorFlow SGD casts a Python float through float32 (0.9 becomes
+    0.8999999762); ``torch.compile`` would reject a NumPy scalar.
+    """
+    if case.wrapper not in SGD_WRAPPERS or h.get("dampening", 0) or h.get("weight_decay", 0):
+        return None
+    momentum = np.float64(h["momentum"]) if keras.backend.backend() == "tensorflow" else h["momentum"]
+    inner = keras.optimizers.SGD(learning_rate=h["lr"], momentum=momentum, nesterov=h["nesterov"])
+    cls, own = SGD_WRAPPERS[case.wrapper]
+    return cls(inner, anchor=case.anchor, **{own: h[own]})
 
 
 class _Network(keras.Model):
@@ -65,13 +88,18 @@ class _Network(keras.Model):
 
 def run(case, problem, dtype, device):
     keras.config.set_floatx(dtype)  # before the optimizer: its learning-rate variable takes floatx
-    opt = build(case)
-    if opt is None:
+    beside = case.kind in MODEL_KINDS
+    if beside and not isinstance(problem, (MLP, SameModel)):
+        return None  # TPGM and WiSE-FT need a model and its loss
+    opt = None if beside else build(case)
+    if opt is None and not beside:
         return None
     # a device scope only where it changes something: under torch, keras.device("cpu:0") on a
     # CPU-only machine leaves train_on_batch with no gradients
     scope = contextlib.nullcontext() if device == _default_device() else keras.device(f"{device}:0")
     with scope:
+        if beside:
+            return _beside_finetuning(case, problem, dtype)
         if isinstance(problem, SameModel):
             return _run_same_model(case, problem, dtype, opt)
         if isinstance(problem, MLP):
@@ -96,10 +124,16 @@ def _run_closed_loop(case, problem, dtype, opt):
     return {n: np.stack(v) for n, v in trajectory.items()}
 
 
-def _run_mlp(case, problem, dtype, opt):
+def _mlp(problem, dtype):
+    """The MLP, its weights by PyTorch name, and the fixed batch."""
     model = _Network(problem.theta0, dtype)
     x, y = problem.x.astype(dtype), problem.y.astype(dtype)
     model(x[:1])
+    return model, model.weights_by_name, x, y
+
+
+def _run_mlp(case, problem, dtype, opt):
+    model, _, x, y = _mlp(problem, dtype)
     if case.unanchored:
         opt.exclude_from_anchor(var_list=[model.weights_by_name[n] for n in case.unanchored])
     model.compile(optimizer=opt, loss="mse", run_eagerly=True)
@@ -111,8 +145,8 @@ def _run_mlp(case, problem, dtype, opt):
     return {n: np.stack(v) for n, v in trajectory.items()}
 
 
-def _run_same_model(case, problem, dtype, opt):
-    """The case on `SameModel` built from Keras layers, in Keras's layout; the trajectory in PyTorch's."""
+def _same_model(problem, dtype):
+    """`SameModel` built from Keras layers in Keras's layout, its weights by PyTorch name, the batch."""
     layers = keras.layers
     model = keras.Sequential(
         [
@@ -129,15 +163,55 @@ def _run_same_model(case, problem, dtype, opt):
         variables[f"{layer}.weight"], variables[f"{layer}.bias"] = built.kernel, built.bias
     for name, variable in variables.items():
         variable.assign(SameModel.to_channels_last(name, problem.theta0[name]).astype(dtype))
+    x = SameModel.to_channels_last("x", problem.x).astype(dtype)
+    return model, variables, x, problem.y.astype(dtype)
+
+
+def _run_same_model(case, problem, dtype, opt):
+    """The case on `SameModel` built from Keras layers, in Keras's layout; the trajectory in PyTorch's."""
+    model, variables, x, y = _same_model(problem, dtype)
     if case.unanchored:
         opt.exclude_from_anchor(var_list=[variables[n] for n in case.unanchored])
     model.compile(optimizer=opt, loss="mse", run_eagerly=True)
-    x = SameModel.to_channels_last("x", problem.x).astype(dtype)
-    y = problem.y.astype(dtype)
     trajectory = {n: [] for n in variables}
     for _ in range(problem.steps):
         model.train_on_batch(x, y)
         for n, v in variables.items():
             value = ops.convert_to_numpy(v).astype(np.float64)
             trajectory[n].append(SameModel.from_channels_last(n, value))
+    return {n: np.stack(v) for n, v in trajectory.items()}
+
+
+def _beside_finetuning(case, problem, dtype):
+    """TPGM calls (`tk.TPGM`) or WiSE-FT mixes (`tk.wise_ft`) after fixed fine-tuning steps.
+
+    The steps (`finetuning_steps`, PyTorch's layout) are added to the weights in the model's
+    layout; TPGM learns on the problem's fixed batch with the mean squared error; the trajectory
+    is the projected weights, or the mixed ones (the fine-tuned weights keep accumulating).
+    """
+    same = isinstance(problem, SameModel)
+    model, variables, x, y = (_same_model if same else _mlp)(problem, dtype)
+    to_model = SameModel.to_channels_last if same else (lambda name, value: value)
+    from_model = SameModel.from_channels_last if same else (lambda name, value: value)
+    h = case.hparams
+    tpgm = anchor = None
+    if case.kind == "tpgm":
+        excluded = [variables[n] for n in case.unanchored]
+        tpgm = tk.TPGM(model, norm=h["norm"], learning_rate=h["lr"], exclude=excluded)
+    else:
+        anchor = model.get_weights()
+        position = {n: next(i for i, w in enumerate(model.weights) if w is v) for n, v in variables.items()}
+    loss = keras.losses.MeanSquaredError()
+    trajectory = {n: [] for n in variables}
+    for delta in finetuning_steps(problem):
+        for n, v in variables.items():
+            v.assign(v + to_model(n, delta[n]).astype(dtype))
+        if tpgm is not None:
+            tpgm.step([(x, y)], iters=h["iters"], loss=loss)
+            shown = {n: ops.convert_to_numpy(v) for n, v in variables.items()}
+        else:
+            mixed = tk.wise_ft(model, anchor, h["alpha"])
+            shown = {n: mixed[position[n]] for n in variables}
+        for n, value in shown.items():
+            trajectory[n].append(from_model(n, np.asarray(value, np.float64)))
     return {n: np.stack(v) for n, v in trajectory.items()}

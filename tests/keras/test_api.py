@@ -226,3 +226,21 @@ def test_base_weight_decay_never_acts():
     optimizer.apply_gradients([(keras.ops.zeros((3,)), variable)])
     # zero gradient, unanchored: Adam's direction is 0, and no decay of any kind
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), np.ones(3))
+
+
+def test_the_keras_namespace_has_every_function_the_core_calls():
+    """``tether.core`` lists the Array API subset it uses; TPGM's first call needs ``min``."""
+    import re
+
+    from tether import core
+    from tether.adapters._keras_ops import keras_namespace
+
+    listed = re.search(r"- functions: (.*?);\s*- the dtype", core.__doc__, re.S).group(1)
+    names = [n for n in re.findall(r"`(\w+)`", listed) if n not in ("axis", "keepdims")]  # sum's arguments
+    assert "min" in names
+    assert [n for n in names if not hasattr(keras_namespace, n)] == []
+    x = keras.ops.convert_to_tensor(np.array([[3.0, -1.0], [2.0, 5.0]]))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras_namespace.min(x)), -1.0)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(keras_namespace.min(x, axis=0, keepdims=True)), [[2.0, -1.0]]
+    )
