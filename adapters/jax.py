@@ -16,6 +16,8 @@ chains, jits and injects like any optax optimizer; the math is a call into
 - The reference baselines (`ALGORITHMS.md` §8): `l2_sp` (a gradient term,
   chained before any optimizer), `mars_sp` (a fixed-radius projection around
   any optax transformation), `wise_ft` (weight-space interpolation).
+- `diagnostics`: per-tensor numbers to log (the distance from the anchor, FTP's
+  radius, SPD's ratio and condition, TPGM's constraint) as Python floats and bools.
 
 Conventions shared by the transformations (`adam_ftp` … `spd`, `l2_sp`, `mars_sp`):
 
@@ -87,6 +89,7 @@ __all__ = [
     "TPGMState",
     "adam_ftp",
     "adam_spd",
+    "diagnostics",
     "ftp",
     "l2_sp",
     "mars_sp",
@@ -170,6 +173,10 @@ class AdamSPDState(NamedTuple):
         exp_avg_sq: Adam's second moments `v`.
         max_exp_avg_sq: `max v` with `amsgrad`, else `optax.MaskedNode()`.
         anchor: `θ₀` per anchored tensor (`MaskedNode` for `anchor="zero"` and unanchored).
+        ratio: SPD's ratio `r` of the last step per anchored tensor (0-d, at least float32;
+            0 before the first step). A record for `diagnostics`: the step does not read it.
+        decayed: Whether SPD's condition `−⟨g, θ − θ₀⟩ < 0` held on the last step, so that
+            the tensor was decayed by `λ · r` (0-d bool; False before the first step).
     """
 
     count: jax.Array
@@ -177,6 +184,9 @@ class AdamSPDState(NamedTuple):
     exp_avg_sq: optax.Updates
     max_exp_avg_sq: optax.Updates
     anchor: optax.Params
+    # None only in a state unpickled from a version without them: `update` says so
+    ratio: optax.Params = None
+    decayed: optax.Params = None
 
 
 class FTPWrapperState(NamedTuple):
@@ -201,10 +211,15 @@ class SPDWrapperState(NamedTuple):
     Attributes:
         inner_state: The wrapped transformation's state.
         anchor: `θ₀` per anchored tensor.
+        ratio: SPD's ratio `r` of the last step per anchored tensor (as in `AdamSPDState`).
+        decayed: Whether SPD's condition held on the last step (as in `AdamSPDState`).
     """
 
     inner_state: optax.OptState
     anchor: optax.Params
+    # None only in a state unpickled from a version without them: `update` says so
+    ratio: optax.Params = None
+    decayed: optax.Params = None
 
 
 class L2SPState(NamedTuple):
@@ -490,6 +505,57 @@ def _ftp_leaf(param, direction, anchor, grad, projection, step, k, anchored, row
     return new_param - param, projection
 
 
+def _displacement(value, anchor):
+    """`θ − θ₀` (`θ` for a zero anchor) in `core.statistics_dtype`, formed as `tether.core`'s SPD forms it."""
+    dtype = core.statistics_dtype(value.dtype, xp=jnp)
+    displacement = jnp.astype(value, dtype, copy=False)
+    return displacement if anchor is None else displacement - jnp.astype(anchor, dtype, copy=False)
+
+
+def _spd_decay(proposed, anchor, statistics, weight_decay):
+    """`core.spd_decay` (the same calls, so the same numbers), returning SPD's ratio `r` and condition too.
+
+    Both are scalars of the norms the step computes anyway: recording them in the state costs
+    no full-size pass.
+
+    Returns:
+        tuple: `(θ, r, −⟨g, θ − θ₀⟩ < 0)`.
+    """
+    new_distance = core.l2_norm(_displacement(proposed, anchor), xp=jnp)
+    strength = core.decay_strength(statistics, new_distance, weight_decay, xp=jnp)
+    new_param = core.decay_toward_anchor(proposed, anchor, strength, xp=jnp)
+    ratio = core.decay_ratio(new_distance, statistics.distance, xp=jnp)
+    return new_param, ratio, -statistics.alignment < 0
+
+
+def _init_spd_records(leaves, anchored):
+    """SPD's records before any step: `r = 0` and no decay, per anchored tensor."""
+    ratio = [
+        jnp.zeros((), core.statistics_dtype(p.dtype, xp=jnp)) if flag else ABSENT
+        for p, flag in zip(leaves.values, anchored, strict=True)
+    ]
+    decayed = [jnp.zeros((), jnp.bool_) if flag else ABSENT for flag in anchored]
+    return unflatten(leaves, ratio), unflatten(leaves, decayed)
+
+
+def _check_spd_records(leaves, state, anchored, where):
+    """`state.ratio` and `state.decayed`: a 0-d array per anchored tensor (at least float32, bool)."""
+    if state.ratio is None or state.decayed is None:
+        raise ValueError(
+            f"{where}: the state has no `ratio` and `decayed` (SPD's records of the last step, read by "
+            "`diagnostics`): it was made by an older version of tether. The step does not read them, so "
+            "add fresh ones: `new = tx.init(params); state = state._replace(ratio=new.ratio, "
+            "decayed=new.decayed)`"
+        )
+    scalars = [()] * len(leaves.values)
+    widths = [core.statistics_dtype(p.dtype, xp=jnp) for p in leaves.values]
+    for field, dtypes in (("ratio", widths), ("decayed", [jnp.bool_] * len(widths))):
+        values = line_up(leaves, getattr(state, field), f"state.{field}", where)
+        check_state_leaves(
+            leaves, values, f"state.{field}", where, present=anchored, shapes=scalars, dtypes=dtypes
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # The fused optimizers.
 
@@ -771,7 +837,8 @@ def adam_spd(
         return AdamSPDState(
             jnp.zeros([], jnp.int32),
             *_init_adam(leaves, amsgrad),
-            anchor=_init_anchor(leaves, anchored, anchor),
+            _init_anchor(leaves, anchored, anchor),
+            *_init_spd_records(leaves, anchored),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -783,9 +850,10 @@ def adam_spd(
         anchored = resolve_mask(mask, params, leaves, at)
         moments = _adam_moments(leaves, state, amsgrad, at)
         anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
+        _check_spd_records(leaves, state, anchored, at)
         step = _safe_increment(state.count)
         lr = _learning_rate(learning_rate, state.count)
-        new_updates, new_moments = [], []
+        new_updates, new_moments, ratios, decayed = [], [], [], []
         previous = None
         for param, grad, moment, theta0, flag in zip(
             leaves.values, grads, moments, anchors, anchored, strict=True
@@ -795,14 +863,24 @@ def adam_spd(
             direction, moment = core.adam_direction(
                 grad, moment, step, lr=lr, beta1=b1, beta2=b2, eps=eps, amsgrad=amsgrad, xp=jnp
             )
-            if flag:
-                new_param = core.spd_step(param, direction, theta0, grad, weight_decay, xp=jnp)
+            if flag:  # core.spd_step, with the ratio and the condition kept for the state
+                statistics = core.spd_statistics(param, theta0, grad, xp=jnp)
+                new_param, ratio, fired = _spd_decay(param - direction, theta0, statistics, weight_decay)
                 new_updates.append(new_param - param)
                 previous = new_param
             else:
                 new_updates.append(-direction)
+                ratio = fired = ABSENT
             new_moments.append(_adam_in_dtype(moment, param.dtype))
-        new_state = AdamSPDState(step, *_merge_adam(leaves, new_moments, amsgrad), anchor=state.anchor)
+            ratios.append(ratio)
+            decayed.append(fired)
+        new_state = AdamSPDState(
+            step,
+            *_merge_adam(leaves, new_moments, amsgrad),
+            state.anchor,
+            unflatten(leaves, ratios),
+            unflatten(leaves, decayed),
+        )
         return unflatten(leaves, new_updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -964,7 +1042,9 @@ def spd(
                 "so the base must not decay the anchored tensors itself. Use optax.adam, not optax.adamw "
                 "(or mask the base's add_decayed_weights to the unanchored tensors)."
             )
-        return SPDWrapperState(inner.init(params), _init_anchor(leaves, anchored, anchor))
+        return SPDWrapperState(
+            inner.init(params), _init_anchor(leaves, anchored, anchor), *_init_spd_records(leaves, anchored)
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         at = f"{where}.update"
@@ -973,6 +1053,7 @@ def spd(
         grads = check_grads(leaves, updates, at)
         anchored = resolve_mask(mask, params, leaves, at)
         anchors = _anchors(leaves, state.anchor, anchored, anchor, at)
+        _check_spd_records(leaves, state, anchored, at)
         _check_inner_state(inner, state.inner_state, params, at)
         statistics, previous = [], None
         for param, theta0, grad, flag in zip(leaves.values, anchors, grads, anchored, strict=True):
@@ -983,16 +1064,23 @@ def spd(
                 statistics.append(None)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         proposals = line_up(leaves, inner_updates, "the inner transformation's updates", at)
-        new_updates, previous = [], None
+        new_updates, ratios, decayed, previous = [], [], [], None
         for param, proposal, theta0, stats in zip(leaves.values, proposals, anchors, statistics, strict=True):
             if stats is None:
                 new_updates.append(proposal)
+                ratios.append(ABSENT)
+                decayed.append(ABSENT)
                 continue
             proposed = (_after(param, previous) + proposal).astype(param.dtype)
-            new_param = core.spd_decay(proposed, theta0, stats, weight_decay, xp=jnp)
+            new_param, ratio, fired = _spd_decay(proposed, theta0, stats, weight_decay)
             new_updates.append(new_param - param)
+            ratios.append(ratio)
+            decayed.append(fired)
             previous = new_param
-        return unflatten(leaves, new_updates), SPDWrapperState(inner_state, state.anchor)
+        new_state = SPDWrapperState(
+            inner_state, state.anchor, unflatten(leaves, ratios), unflatten(leaves, decayed)
+        )
+        return unflatten(leaves, new_updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -1196,3 +1284,181 @@ def wise_ft(anchor_params: optax.Params, params: optax.Params, alpha: float) -> 
         else:
             mixed.append(value)
     return treedef.unflatten(mixed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Diagnostics: per-tensor numbers for the user's own logging, read from the states.
+
+_METHODS = {
+    AdamFTPState: "adam_ftp",
+    SGDFTPState: "sgd_ftp",
+    FTPWrapperState: "ftp",
+    AdamSPDState: "adam_spd",
+    SPDWrapperState: "spd",
+    L2SPState: "l2_sp",
+    MARSSPState: "mars_sp",
+    TPGMState: "tpgm",
+}
+_STATES = tuple(_METHODS)
+
+
+def diagnostics(state: Any, params: optax.Params) -> dict[str, dict[str, float | bool]]:
+    r"""Per-tensor diagnostics of tether's methods, as plain Python numbers to log from any loop.
+
+    For each parameter leaf, keyed by its path as `jax.tree_util.keystr` prints it (as the
+    errors name it; `"<root>"` for a lone array), a dict with:
+
+    - `"distance"`: `‖θ − θ₀‖₂` (`θ₀` the anchor; the origin for `anchor="zero"`), computed
+      in at least float32, for every anchored tensor;
+    - `"radius"`: FTP's learned radius `γ` (`adam_ftp`, `sgd_ftp`, `ftp`), the one its last
+      step projected with (0.0 before the first step);
+    - `"ratio"`: SPD's ratio of the last step (`adam_spd`, `spd`),
+      `r = clip((‖θ̃ − θ₀‖₂ − ‖θ − θ₀‖₂) / ‖θ̃ − θ₀‖₂, 0, 1)`, and `"decayed"`: whether its
+      condition `−⟨g, θ − θ₀⟩ < 0` held, so that the step moved `θ̃` toward the anchor by
+      the fraction `λ · r` (0.0 and False before the first step);
+    - `"constraint"`: TPGM's constraint `γ` (a `TPGMState`; 0.0 before the first `tpgm_step`).
+
+    The values are Python floats and bools, so they go straight to JSON or any metrics
+    logger. An unanchored tensor (`mask` False) has an empty dict. `l2_sp` and `mars_sp`
+    with `anchor="zero"` store nothing per tensor, so they add no entry; MARS-SP's radius is
+    its hyperparameter, not state.
+
+    The values are read from the devices (one transfer for all, after one jitted computation
+    of the distances): call it outside `jax.jit`, every few steps, on the state and the
+    parameters that the step returned.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from tether.adapters.jax import adam_spd, diagnostics
+        >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(2)}
+        >>> tx = optax.chain(optax.clip_by_global_norm(1.0), adam_spd(1e-2, weight_decay=1.0))
+        >>> state = tx.init(params)
+        >>> diagnostics(state, params)["['w']"]
+        {'distance': 0.0, 'ratio': 0.0, 'decayed': False}
+
+    Args:
+        state: The state of any of tether's transformations, or an optax state holding
+            some (a chain's tuple, `optax.inject_hyperparams`, `optax.masked`,
+            `optax.multi_transform`; the inner state of `ftp`, `spd` and `mars_sp` too), or a
+            `TPGMState`, or a tuple of such states (`(opt_state, tpgm_state)`). The entries
+            of several states are merged per tensor.
+        params: The parameters, with the tree the transformations were given.
+
+    Returns:
+        dict: `{path: {name: value}}`, one entry per parameter leaf, in the tree's order.
+
+    Raises:
+        TypeError: `state` holds no tether state, or the call is inside `jax.jit`.
+        ValueError: a state with entries for tensors that `params` does not have (or of
+            other shapes), a state of `adam_spd` or `spd` from a version without SPD's
+            records, or two states that give one tensor different values of one entry
+            (two anchors for one tensor: pass each state on its own).
+    """
+    where = "diagnostics"
+    found = _tether_states(state)
+    if not found:
+        raise TypeError(
+            f"{where}: no tether state in the {type(state).__name__} given: pass the state of a tether "
+            f"transformation ({', '.join(_METHODS.values())}), an optax state that holds one (a chain's "
+            "tuple, inject_hyperparams, masked), or a tuple of such states"
+        )
+    if params is None:
+        raise ValueError(f"{where}: `params` is required (the parameters the transformations were given)")
+    path_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in path_leaves]
+    values = dict(zip(paths, (leaf for _, leaf in path_leaves), strict=True))
+    rows = []  # (method, path, θ, θ₀ or None, {name: 0-d array}) per anchored tensor of each state
+    for method, entries in ((_METHODS[type(s)], _entries(s, where)) for s in found):
+        for path, (theta0, numbers) in entries.items():
+            param = values.get(path)
+            if param is None or not hasattr(param, "shape"):
+                what = "has no such leaf" if param is None else f"has a {type(param).__name__} there"
+                raise ValueError(
+                    f"{where}: the {method} state has an entry for {path}, but `params` {what}: the "
+                    "state belongs to other parameters"
+                )
+            if theta0 is not None and tuple(theta0.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{where}: the {method} state's anchor of {path} has shape {tuple(theta0.shape)}, the "
+                    f"parameter {tuple(param.shape)}: the state belongs to other parameters"
+                )
+            rows.append((method, path, param, theta0, numbers))
+    arrays = [a for _, _, param, theta0, numbers in rows for a in (param, theta0, *numbers.values())]
+    if not is_concrete(arrays):
+        raise TypeError(
+            f"{where}: reads the values to the host, for logging: call it outside jax.jit, on the state "
+            "and parameters the jitted step returns"
+        )
+    distances = _distances([(param, theta0) for _, _, param, theta0, _ in rows])
+    measured = [
+        (method, path, name, value)
+        for (method, path, _, _, numbers), distance in zip(rows, distances, strict=True)
+        for name, value in {"distance": distance, **numbers}.items()
+    ]
+    host = jax.device_get([value for *_, value in measured])  # one transfer for all
+    out, origin = {path: {} for path in paths}, {}
+    for (method, path, name, _), value in zip(measured, host, strict=True):
+        value = bool(value) if name == "decayed" else float(value)
+        if name in out[path] and not _same(out[path][name], value):
+            raise ValueError(
+                f"{where}: {path} has {name} {out[path][name]} from {origin[path, name]} and {value} from "
+                f"{method}: the two states disagree (for the distance: they anchor it differently); pass "
+                "each state to diagnostics on its own"
+            )
+        out[path][name] = value
+        origin[path, name] = method
+    return out
+
+
+def _tether_states(state):
+    """The tether states inside `state`, in tree order (the inner state of a wrapper searched too)."""
+    found = []
+    for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _STATES)):
+        if isinstance(node, _STATES):
+            found.append(node)
+            if "inner_state" in node._fields:
+                found.extend(_tether_states(node.inner_state))
+    return found
+
+
+def _by_path(tree):
+    """A params-shaped state field's arrays by the path of their parameter (absent entries skipped)."""
+    return {
+        jax.tree_util.keystr(path) or "<root>": leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _entries(state, where):
+    """Per anchored tensor of one tether state: `(θ₀ or None, {name: 0-d array})`, by path."""
+    anchors = _by_path(state.anchor)
+    if isinstance(state, (AdamFTPState, SGDFTPState, FTPWrapperState)):
+        numbers = {path: {"radius": r} for path, r in _by_path(state.projection.radius).items()}
+    elif isinstance(state, (AdamSPDState, SPDWrapperState)):
+        if state.ratio is None or state.decayed is None:
+            raise ValueError(
+                f"{where}: the {_METHODS[type(state)]} state has no `ratio` and `decayed`: it was made by "
+                "an older version of tether (its update says how to add them)"
+            )
+        ratio, decayed = _by_path(state.ratio), _by_path(state.decayed)
+        if ratio.keys() != decayed.keys():
+            raise ValueError(
+                f"{where}: the {_METHODS[type(state)]} state's ratio and decayed are for different "
+                f"tensors ({sorted(ratio.keys() ^ decayed.keys())[:3]}): the state is corrupt"
+            )
+        numbers = {path: {"ratio": r, "decayed": decayed[path]} for path, r in ratio.items()}
+    elif isinstance(state, TPGMState):
+        numbers = {path: {"constraint": c} for path, c in _by_path(state.constraint).items()}
+    else:  # L2SPState, MARSSPState: the anchor is all they store per tensor
+        numbers = {path: {} for path in anchors}
+    return {path: (anchors.get(path), entries) for path, entries in numbers.items()}
+
+
+@jax.jit
+def _distances(pairs):
+    """`‖θ − θ₀‖₂` per `(θ, θ₀ or None)` pair, in at least float32 (reductions: no full-size buffer)."""
+    return [core.l2_norm(_displacement(param, theta0), xp=jnp) for param, theta0 in pairs]
+
+
+def _same(a, b):
+    return a == b or (a != a and b != b)  # NaN equals NaN here: the same diverged tensor
