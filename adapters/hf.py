@@ -14,6 +14,7 @@ with no weight decay, as the Trainer's own AdamW treats them.
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ def trainer_optimizer(
     *,
     anchor: str = "init",
     decay_parameter_names: Iterable[str] | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """``optimizer_cls(parameter_groups(model, ...), **kwargs)``: a tether optimizer for
     ``Trainer(optimizers=(optimizer, scheduler))``, built after the pre-trained weights are loaded.
@@ -113,7 +114,7 @@ class _TrainerOptimizerFactory:
 
 
 def optimizer_cls_and_kwargs(
-    optimizer_cls: Callable[..., torch.optim.Optimizer], *, lr: float, anchor: str = "init", **kwargs
+    optimizer_cls: Callable[..., torch.optim.Optimizer], *, lr: float, anchor: str = "init", **kwargs: Any
 ) -> tuple:
     """A value for ``Trainer(optimizer_cls_and_kwargs=...)`` that builds `trainer_optimizer`.
 
