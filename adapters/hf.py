@@ -118,7 +118,7 @@ def optimizer_cls_and_kwargs(
 ) -> tuple:
     """A value for ``Trainer(optimizer_cls_and_kwargs=...)`` that builds `trainer_optimizer`.
 
-    The Trainer calls it with the model it trains (after moving or wrapping it), so the groups
+    The Trainer calls it with the model it trains, when it builds its optimizer, so the groups
     are those of `parameter_groups` and the Trainer's ``weight_decay`` never reaches them.
     ``lr`` is required: on this path the Trainer does not read ``TrainingArguments.learning_rate``.
 
@@ -129,8 +129,8 @@ def optimizer_cls_and_kwargs(
         **kwargs: the optimizer's other arguments (``weight_decay``: SPD's ``λ``).
 
     Raises:
-        ImportError: the installed transformers is older than 5.2, whose Trainer calls
-            optimizer factories; pass ``optimizers=(trainer_optimizer(...), scheduler)`` there.
+        ImportError: the installed transformers is older than 5.2 (the first whose Trainer calls
+            optimizer factories); pass ``optimizers=(trainer_optimizer(...), scheduler)`` there.
     """
     try:
         from transformers.trainer_optimizer import is_optimizer_factory  # noqa: F401

@@ -6,6 +6,7 @@ linear schedule), which it equals bit for bit.
 """
 
 import shutil
+import sys
 
 import pytest
 
@@ -131,6 +132,10 @@ def test_parameter_groups_are_the_trainers_split():
     assert unanchored["anchor"] is None and unanchored["weight_decay"] == 0.0
     assert {n for n, _ in unanchored["params"]} == NO_DECAY
     assert parameter_groups(model, anchor="zero")[0]["anchor"] == "zero"
+    # a Trainer subclass's own names (get_decay_parameter_names overridden) are taken as given
+    head, rest = parameter_groups(model, decay_parameter_names=["lm_head.weight"])
+    assert [n for n, _ in head["params"]] == ["lm_head.weight"] and head["anchor"] == "init"
+    assert len(rest["params"]) == len(list(model.parameters())) - 1 and rest["anchor"] is None
     # frozen tensors are left out, as the Trainer leaves them out; an empty group is dropped
     for name, p in model.named_parameters():
         p.requires_grad_(name in NO_DECAY)
@@ -149,6 +154,14 @@ def test_parameter_groups_refuse_what_would_anchor_nothing_silently():
         parameter_groups(model)
     with pytest.raises(ValueError, match="anchor must be 'init' or 'zero'"):
         optimizer_cls_and_kwargs(AdamSPD, lr=LR, anchor="none")
+
+
+def test_optimizer_cls_and_kwargs_names_the_alternative_on_a_trainer_without_factories(monkeypatch):
+    # transformers < 5.2 has no transformers.trainer_optimizer: its Trainer would call the factory
+    # with the parameter groups
+    monkeypatch.setitem(sys.modules, "transformers.trainer_optimizer", None)
+    with pytest.raises(ImportError, match=r"transformers >= 5\.2.*optimizers=\(trainer_optimizer"):
+        optimizer_cls_and_kwargs(AdamSPD, lr=LR, weight_decay=1.0)
 
 
 @pytest.mark.parametrize("path", ["hf-optimizers", "hf-cls-and-kwargs"])
