@@ -104,6 +104,24 @@ for _backend in KERAS_BACKENDS:
     globals()[f"tests_keras_{_backend}"] = _keras_session(_backend)
 
 
+#: The integrations run offline: tiny models built from configs, never a model hub.
+INTEGRATIONS_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "KERAS_BACKEND": "jax",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+@nox.session
+def integrations(session):
+    """The training stacks, offline: the Hugging Face Trainer, PEFT LoRA, Lightning, flax NNX with
+    orbax, a JAX 2-D mesh and Keras's distribution API (JAX backend) on 4 host CPU devices."""
+    install(session, "integrations")
+    session.run("pytest", "tests/integrations", "--timeout=300", *session.posargs, env=INTEGRATIONS_ENV)
+
+
 @nox.session
 def parity(session):
     """`tether parity` on the CPU: every backend against the core's float64 NumPy run."""

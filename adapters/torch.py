@@ -551,7 +551,8 @@ class _Anchored(Optimizer):
             )
         index = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            missing = [key for key in self.defaults if key not in saved]
+            # (torch's own load adds "differentiable" to the defaults: a second load must not ask for it)
+            missing = [key for key in self.defaults if key not in saved and key != "differentiable"]
             if missing:
                 raise ValueError(
                     f"{owner}: parameter group {gi} of the state dict has no {_keys(missing)}: it was "
