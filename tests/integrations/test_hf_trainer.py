@@ -196,17 +196,6 @@ def test_a_wrapper_through_the_helper(tmp_path):
     assert_differs(got, plain_loop(AdamSPD, weight_decay=0.0))
 
 
-# adapters/torch.py's load_state_dict requires every key of self.defaults in the saved groups, and
-# torch.optim.Optimizer.load_state_dict adds "differentiable" to self.defaults: a second load into
-# the same optimizer is refused, and accelerate (under the Trainer) loads the optimizer's own state
-# once before the checkpoint's. Passes with the fix (the check ignoring "differentiable"); strict,
-# so that the mark goes when the fix lands.
-LOADS_ONCE_ONLY = pytest.mark.xfail(
-    strict=True, raises=ValueError, reason="tether's torch optimizers refuse a second load_state_dict"
-)
-
-
-@LOADS_ONCE_ONLY
 @pytest.mark.parametrize("optimizer_cls", [AdamSPD, AdamFTP])
 def test_resume_from_checkpoint_continues_exactly(optimizer_cls, tmp_path):
     code = snippet("hf-optimizers")

@@ -162,3 +162,18 @@ def test_a_wrapper_loads_the_layout_with_a_top_level_base(kind):
     resume_steps(problem, params, opt, scheduler, 4, 10)
     resume_steps(problem, twin_params, twin, twin_scheduler, 4, 10)
     assert_bitwise_equal(snapshot(params, opt), snapshot(twin_params, twin))
+
+
+@pytest.mark.parametrize("kind", ["AdamFTP", "SGDFTP", "AdamSPD", "FTP", "SPD"])
+def test_a_state_dict_loads_twice(kind):
+    """torch's load adds "differentiable" to the defaults; accelerate (HF Trainer) loads twice."""
+    from torch_helpers import BUILDERS
+
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = BUILDERS[kind]([w])
+    w.grad = torch.randn_like(w)
+    opt.step()
+    state_dict = opt.state_dict()
+    fresh = BUILDERS[kind]([torch.nn.Parameter(w.detach().clone())])
+    fresh.load_state_dict(state_dict)
+    fresh.load_state_dict(state_dict)
