@@ -158,6 +158,41 @@ def summarize(records):
     return table
 
 
+def markdown_tables(records):
+    """One Markdown table per problem: optimizer × dtype rows, a column per backend (and device)."""
+    columns = list(
+        dict.fromkeys(
+            f"{r['backend']}" + ("" if r["device"] == "cpu" else f" ({r['device']})") for r in records
+        )
+    )
+    out = []
+    for problem in dict.fromkeys(r["problem"] for r in records):
+        cells = {}
+        for r in records:
+            if r["problem"] != problem:
+                continue
+            column = f"{r['backend']}" + ("" if r["device"] == "cpu" else f" ({r['device']})")
+            value = (
+                "n/a"
+                if r["verdict"] == "n/a"
+                else r["verdict"]
+                if r.get("deviation") is None
+                else f"{r['deviation']:.1e}"
+            )
+            if r["verdict"] in ("FAIL", "ERROR") and r.get("deviation") is not None:
+                value += f" {r['verdict']}"
+            cells[(r["optimizer"], r["dtype"], column)] = value
+        keys = list(dict.fromkeys((o, d) for o, d, _ in cells))
+        out.append(f"### {problem}: max |backend − core|\n")
+        out.append("| optimizer | dtype | " + " | ".join(columns) + " |")
+        out.append("|---|---|" + "---:|" * len(columns))
+        for optimizer, dtype in keys:
+            row = [cells.get((optimizer, dtype, c), "-") for c in columns]
+            out.append(f"| {optimizer} | {dtype} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def format_table(table):
     header = ("backend", "device", "optimizer", "problem", "dtype", "max |Δ|", "tolerance", "verdict")
     cells = [header] + [
@@ -219,6 +254,9 @@ def main(args):
         + ", ".join(f"{b}: {s}" for b, s in status.items())
         + ")"
     )
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_tables(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -260,4 +298,5 @@ def add_arguments(parser):
     )
     parser.add_argument("--steps", type=int, default=25, help="steps per trajectory (default: 25)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="also write one Markdown table per problem (docs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

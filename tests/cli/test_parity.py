@@ -120,3 +120,15 @@ def test_gpu_parity_without_a_gpu_says_so_and_passes():
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no GPU found" in result.stdout
+
+
+def test_markdown_tables_have_a_column_per_backend_and_a_table_per_problem():
+    records = [
+        record(problem="closed-loop", deviation=1e-15),
+        record(backend="jax", problem="closed-loop", deviation=2e-15),
+        record(problem="same-model", optimizer="adam_ftp", deviation=None, verdict="n/a"),
+    ]
+    text = parity.markdown_tables(records)
+    assert "### closed-loop" in text and "### same-model" in text
+    assert "| adam_spd | float64 | 1.0e-15 | 2.0e-15 |" in text
+    assert "| adam_ftp | float64 | n/a | - |" in text
