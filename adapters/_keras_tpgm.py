@@ -228,7 +228,7 @@ class TPGM:
 
     # -- one call ----------------------------------------------------------------------------------
 
-    def step(self, batches: Iterable, iters: int = 1, loss: Any = None):
+    def step(self, batches: Iterable, iters: int = 1, loss: Any = None) -> Any:
         """One TPGM call: ``iters`` projection updates on validation batches, then the projection.
 
         Args:

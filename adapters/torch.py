@@ -940,6 +940,20 @@ class SGDFTP(_Fused):
         )
 
 
+#: A wrapper's per-tensor flag: the saved ``"base"`` state is the template of a first step, not one taken.
+_UNSTEPPED = "base_unstepped"
+
+
+def _is_unstepped(flag, owner, key):
+    if flag is None:  # saved before the flag existed: the base state counts as stepped
+        return False
+    if isinstance(flag, torch.Tensor) and flag.numel() == 1:
+        flag = flag.item()
+    if not isinstance(flag, (bool, int)):
+        raise ValueError(f"{owner}: the {_UNSTEPPED!r} state of parameter {key!r} is not a bool")
+    return bool(flag)
+
+
 class _Wrapper(_Anchored):
     """Shares the wrapped optimizer's ``param_groups``, so schedulers and ``zero_grad`` see one set."""
 
@@ -999,18 +1013,24 @@ class _Wrapper(_Anchored):
         then taken out of it again.
         """
         state_dict = super().state_dict()
-        for index, values in self._base_state_dict()["state"].items():
-            state_dict["state"].setdefault(index, {})["base"] = values
+        base, fresh = self._base_state_dict()
+        for index, values in base["state"].items():
+            entry = state_dict["state"].setdefault(index, {})
+            entry["base"] = values
+            # that first-step state is a template: loaded back, it must not count as a step taken
+            entry[_UNSTEPPED] = torch.tensor(index in fresh)
         return state_dict
 
     def _base_state_dict(self):
         """The wrapped optimizer's ``state_dict()``, with the state a first step makes for the tensors
-        that have none (see `state_dict`); the wrapped optimizer itself is left as it was."""
+        that have none (see `state_dict`), and the state-dict indices of those tensors; the wrapped
+        optimizer itself is left as it was."""
         base = self.optimizer
         params = [p for group in base.param_groups for p in group["params"]]
         fresh = {id(p) for p in params if p.requires_grad and not base.state.get(p)}
+        indices = {i for i, p in enumerate(params) if id(p) in fresh}
         if not fresh:
-            return base.state_dict()
+            return base.state_dict(), indices
         grads = [p.grad for p in params]
         rates = [group.get("lr") for group in base.param_groups]
         try:
@@ -1021,7 +1041,7 @@ class _Wrapper(_Anchored):
                     group["lr"] = torch.zeros_like(lr) if isinstance(lr, torch.Tensor) else 0.0
             with torch.no_grad():
                 base.step()
-            return base.state_dict()
+            return base.state_dict(), indices
         finally:
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
@@ -1037,7 +1057,10 @@ class _Wrapper(_Anchored):
         state = state_dict.get("state")
         if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
             return state_dict
-        own = {key: {k: v for k, v in values.items() if k != "base"} for key, values in state.items()}
+        own = {
+            key: {k: v for k, v in values.items() if k not in ("base", _UNSTEPPED)}
+            for key, values in state.items()
+        }
         return {**state_dict, "state": own}
 
     def _load_base(self, state_dict):
@@ -1050,7 +1073,8 @@ class _Wrapper(_Anchored):
             if "base" in values:
                 if not isinstance(values["base"], dict):
                     raise ValueError(f"{owner}: the 'base' state of parameter {key!r} is not a dict")
-                base[key] = values["base"]
+                if not _is_unstepped(values.get(_UNSTEPPED), owner, key):
+                    base[key] = values["base"]  # a template's is left out: the tensor starts afresh
         self.optimizer.load_state_dict({"state": base, "param_groups": state_dict["param_groups"]})
 
     def _after_load(self):

@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch_helpers import BUILDERS, assert_bitwise_equal, resume_setup, resume_steps, snapshot
+from torch_helpers import (
+    BUILDERS,
+    assert_bitwise_equal,
+    make_params,
+    named_groups,
+    resume_problem,
+    resume_setup,
+    resume_steps,
+    snapshot,
+)
 
-from tether.adapters.torch import AdamFTP, AdamSPD
+from tether.adapters.torch import FTP, AdamFTP, AdamSPD
 
 HERE = Path(__file__).parent
 STEPS, SPLIT = 10, 4
@@ -177,3 +186,29 @@ def test_a_state_dict_loads_twice(kind):
     fresh = BUILDERS[kind]([torch.nn.Parameter(w.detach().clone())])
     fresh.load_state_dict(state_dict)
     fresh.load_state_dict(state_dict)
+
+
+def _ftp_around_damped_sgd(groups):
+    # torch's SGD starts its momentum buffer at the first gradient, undamped: a zero buffer differs
+    return FTP(torch.optim.SGD(groups, lr=0.05, momentum=0.9, dampening=0.5), k=0.7)
+
+
+@pytest.mark.parametrize("kind", [*sorted(BUILDERS), "FTP(SGD dampening)"])
+def test_a_fresh_state_dict_loaded_before_the_first_step_changes_nothing(kind):
+    """accelerate (the HF Trainer) loads the optimizer's own state dict back before the first step.
+
+    That state dict holds the state a first step would make, so that it can serve as a template;
+    loaded back, the run must be the one that never saw it (the wrappers' wrapped Adam counted
+    that template as a step taken: every parameter was 2e-2 off after 6 steps)."""
+    build = _ftp_around_damped_sgd if kind == "FTP(SGD dampening)" else BUILDERS[kind]
+    runs = []
+    for reload in (False, True):
+        problem = resume_problem()
+        params = make_params(problem, dtype=torch.float32)
+        opt = build(named_groups(params))
+        if reload:
+            opt.load_state_dict(opt.state_dict())
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        resume_steps(problem, params, opt, scheduler, 0, 6)
+        runs.append(snapshot(params, opt))
+    assert_bitwise_equal(*runs)
