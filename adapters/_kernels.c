@@ -47,6 +47,13 @@
 #define PARALLEL_MIN (1L << 16)
 /* Values per span of `dot`: each span is summed by one thread, the spans' sums in order. */
 #define SPAN (1L << 14)
+/* The Adam sweeps are compiled for AVX-512 and AVX2 too, picked at load time by the CPU
+ * (GCC's function multiversioning); elsewhere one portable build. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
 /* How far ahead (values) `displace` prefetches its five streams: its sweep took about 8% less
  * time with it than without on the 2-core EPYC this was measured on (256 and 1024: no better). */
 #define AHEAD 512
@@ -91,21 +98,25 @@ static inline Py_ssize_t stream_f64(double *p, const double *a, const double *c,
 
 #define T float
 #define ABS fabsf
+#define SQRT sqrtf
 #define NAME(x) x##_f32
 #define STREAM stream_f32
 #include "_kernels.c" /* this file again, with T defined */
 #undef T
 #undef ABS
+#undef SQRT
 #undef NAME
 #undef STREAM
 
 #define T double
 #define ABS fabs
+#define SQRT sqrt
 #define NAME(x) x##_f64
 #define STREAM stream_f64
 #include "_kernels.c" /* this file again, with T defined */
 #undef T
 #undef ABS
+#undef SQRT
 #undef NAME
 #undef STREAM
 
@@ -186,7 +197,148 @@ static PyObject *dot(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(total);
 }
 
+/* The sweep's arguments for one dtype: addresses as integers (0: absent), scalars as doubles. */
+#define SWEEP_ARGS(TT, SUFFIX)                                                                     \
+    sweep_args_##SUFFIX k = {                                                                      \
+        .p = (TT *)p, .m = (TT *)m, .v = (TT *)v, .vm = (TT *)vm, .c = (TT *)c,                     \
+        .g = (const TT *)g, .a = (const TT *)a, .w1 = (TT)(1 - beta1), .beta2 = (TT)beta2,          \
+        .w2 = (TT)(1 - beta2), .scale = (TT)scale, .offset = (TT)offset, .value = (TT)value,       \
+        .lrwd = (TT)lrwd,                                                                          \
+    }
+
+/* The FTP sweeps: with Adam (adam = 1) AdamFTP's step, without it the FTP wrapper's measure of
+ * the wrapped optimizer's result. Returns ∇γ = Σ_r dots_r. */
+static PyObject *ftp_sweep(int adam, int dtype, unsigned long long p, unsigned long long g, unsigned long long m,
+                           unsigned long long v, unsigned long long vm, unsigned long long a, unsigned long long c,
+                           unsigned long long s, unsigned long long n, unsigned long long dots_address,
+                           Py_ssize_t rows, Py_ssize_t cols, double beta1, double beta2, double scale,
+                           double offset, double value, double lrwd, int threads) {
+    if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
+    double *dots = (double *)dots_address, grad = 0;
+    const int amsgrad = vm != 0, has_wd = lrwd != 0;
+    Py_BEGIN_ALLOW_THREADS;
+    if (dtype == 0) {
+        SWEEP_ARGS(float, f32);
+        ftp_rows_f32(&k, (const float *)s, (float *)n, dots, rows, cols, adam, amsgrad, has_wd, threads);
+    } else {
+        SWEEP_ARGS(double, f64);
+        ftp_rows_f64(&k, (const double *)s, (double *)n, dots, rows, cols, adam, amsgrad, has_wd, threads);
+    }
+    for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
+    Py_END_ALLOW_THREADS;
+    return PyFloat_FromDouble(grad);
+}
+
+static PyObject *adam_ftp_displace(PyObject *self, PyObject *args) {
+    (void)self;
+    int dtype, threads;
+    unsigned long long p, g, m, v, vm, a, c, s, n, dots;
+    Py_ssize_t rows, cols;
+    double beta1, beta2, scale, offset, value, lrwd;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKKKnnddddddi", &dtype, &p, &g, &m, &v, &vm, &a, &c, &s, &n, &dots, &rows,
+                          &cols, &beta1, &beta2, &scale, &offset, &value, &lrwd, &threads))
+        return NULL;
+    return ftp_sweep(1, dtype, p, g, m, v, vm, a, c, s, n, dots, rows, cols, beta1, beta2, scale, offset, value,
+                     lrwd, threads);
+}
+
+static PyObject *ftp_displace(PyObject *self, PyObject *args) {
+    (void)self;
+    int dtype, threads;
+    unsigned long long p, g, a, c, s, n, dots;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKnni", &dtype, &p, &g, &a, &c, &s, &n, &dots, &rows, &cols, &threads))
+        return NULL;
+    return ftp_sweep(0, dtype, p, g, 0, 0, 0, a, c, s, n, dots, rows, cols, 0.9, 0.999, 1, 0, 0, 0, threads);
+}
+
+static int check_count(Py_ssize_t count) {
+    if (count >= 0) return 0;
+    PyErr_Format(PyExc_ValueError, "count must be >= 0, got %zd", count);
+    return -1;
+}
+
+/* The SPD sweeps: with Adam AdamSPD's step, without it the SPD wrapper's measure (g = 0: ‖θ − θ₀‖²
+ * only). Returns (⟨g, θ − θ₀⟩, ‖θ − θ₀‖², ‖θ̃ − θ₀‖²). */
+static PyObject *spd_sweep(int adam, int dtype, unsigned long long p, unsigned long long g, unsigned long long m,
+                           unsigned long long v, unsigned long long vm, unsigned long long a, Py_ssize_t count,
+                           double beta1, double beta2, double scale, double offset, double value, int threads) {
+    if (check_dtype(dtype) || check_count(count)) return NULL;
+    const unsigned long long c = 0;
+    const double lrwd = 0;
+    double sums[3];
+    int failed;
+    Py_BEGIN_ALLOW_THREADS;
+    if (dtype == 0) {
+        SWEEP_ARGS(float, f32);
+        failed = spd_spans_f32(&k, count, sums, adam, vm != 0, threads);
+    } else {
+        SWEEP_ARGS(double, f64);
+        failed = spd_spans_f64(&k, count, sums, adam, vm != 0, threads);
+    }
+    Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
+    return Py_BuildValue("(ddd)", sums[0], sums[1], sums[2]);
+}
+
+static PyObject *adam_spd_step(PyObject *self, PyObject *args) {
+    (void)self;
+    int dtype, threads;
+    unsigned long long p, g, m, v, vm, a;
+    Py_ssize_t count;
+    double beta1, beta2, scale, offset, value;
+    if (!PyArg_ParseTuple(args, "iKKKKKKndddddi", &dtype, &p, &g, &m, &v, &vm, &a, &count, &beta1, &beta2, &scale,
+                          &offset, &value, &threads))
+        return NULL;
+    return spd_sweep(1, dtype, p, g, m, v, vm, a, count, beta1, beta2, scale, offset, value, threads);
+}
+
+static PyObject *spd_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    int dtype, threads;
+    unsigned long long p, g, a;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "iKKKni", &dtype, &p, &g, &a, &count, &threads)) return NULL;
+    return spd_sweep(0, dtype, p, g, 0, 0, 0, a, count, 0.9, 0.999, 1, 0, 0, threads);
+}
+
+static PyObject *spd_decay(PyObject *self, PyObject *args) {
+    (void)self;
+    int dtype, threads;
+    unsigned long long p, a;
+    double keep, strength;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "iKKddni", &dtype, &p, &a, &keep, &strength, &count, &threads)) return NULL;
+    if (check_dtype(dtype) || check_count(count)) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (dtype == 0)
+        spd_decay_f32((float *)p, (const float *)a, keep, strength, count, threads);
+    else
+        spd_decay_f64((double *)p, (const double *)a, keep, strength, count, threads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"adam_ftp_displace", adam_ftp_displace, METH_VARARGS,
+     "adam_ftp_displace(dtype, p, g, m, v, vm, a, c, s, n, dots, rows, cols, beta1, beta2, scale, offset, "
+     "value, lrwd, threads) -> radius_grad\n\n"
+     "One tensor's Adam step (m, v and, vm != 0, amsgrad's v*, updated in place) and FTP statistics in one "
+     "sweep: c = (p - a) + lrwd * p + value * m / (sqrt(v*) * scale + offset) over c_prev, n = MARS(c), "
+     "radius_grad = sum_r s_r <c_prev, g>_r (dots: rows float64 values of scratch)."},
+    {"ftp_displace", ftp_displace, METH_VARARGS,
+     "ftp_displace(dtype, p, g, a, c, s, n, dots, rows, cols, threads) -> radius_grad\n\n"
+     "The FTP wrapper's sweep after the wrapped step: c = p - a over c_prev, n = MARS(c), "
+     "radius_grad = sum_r s_r <c_prev, g>_r."},
+    {"adam_spd_step", adam_spd_step, METH_VARARGS,
+     "adam_spd_step(dtype, p, g, m, v, vm, a, count, beta1, beta2, scale, offset, value, threads) "
+     "-> (alignment, squared_distance, new_squared_distance)\n\n"
+     "One tensor's Adam step and SPD statistics in one sweep; p receives p~ - a (the decay follows)."},
+    {"spd_sums", spd_sums, METH_VARARGS,
+     "spd_sums(dtype, p, g, a, count, threads) -> (alignment, squared_distance, 0)\n\n"
+     "<g, p - a> (0 for g = 0) and ||p - a||^2 in one sweep, the same for any thread count."},
+    {"spd_decay", spd_decay, METH_VARARGS,
+     "spd_decay(dtype, p, a, keep, strength, count, threads) -> None\n\np = p * keep + a * strength."},
     {"sgd_ftp_displace", sgd_ftp_displace, METH_VARARGS,
      "sgd_ftp_displace(dtype, p, g, b, a, c, s, n, dots, rows, cols, lr, momentum, coef, weight_decay, "
      "nesterov, threads) -> radius_grad\n\n"
@@ -371,4 +523,155 @@ static double NAME(dot)(const T *a, const T *b, Py_ssize_t n, int threads) {
 }
 
 #undef DISPLACE_ONE
+
+/* -- the Adam steps and the wrappers' sweeps ------------------------------------------------- */
+
+/* The arrays and scalars of one tensor's sweep (`sweep`). Scalars are in T, as PyTorch's
+ * kernels take them: w1 = 1 − β1 (the lerp's weight), beta2, w2 = 1 − β2, Adam's coefficients
+ * x ← x + value · m / (√v* · scale + offset) (`_torch_ops.adam_coefficients`), lrwd = −lr·wd. */
+typedef struct {
+    T *p, *m, *v, *vm, *c;
+    const T *g, *a;
+    T w1, beta2, w2, scale, offset, value, lrwd;
+} NAME(sweep_args);
+
+/* One element of `sweep` (the flags are constants in each specialization):
+ *   adam:  m ← lerp(m, g, 1 − β1), v ← β2·v + (1 − β2)·g², v* ← max(v*, v) with amsgrad, and
+ *          the step u = value · m / (√v* · scale + offset), as torch.optim.Adam;
+ *   ftp:   S0 += c_prev·g, c = (θ − θ₀) [+ lrwd·θ] [+ u] written over c_prev, S1 += |c|;
+ *   else (SPD): d = θ − θ₀, S0 += g·d, S1 += d², and with adam θ ← d + u (the parameter holds
+ *          θ̃ − θ₀ until the decay), S2 += (θ̃ − θ₀)². */
+#define SWEEP_ONE(i, S0, S1, S2)                                                                      \
+    do {                                                                                              \
+        const T gi = has_g ? g[i] : 0;                                                                \
+        T u = 0;                                                                                      \
+        if (adam) {                                                                                   \
+            const T mo = m[i];                                                                        \
+            const T mi = small ? mo + w1 * (gi - mo) : gi - (gi - mo) * ((T)1 - w1);                   \
+            const T vi = v[i] * beta2 + w2 * gi * gi;                                                 \
+            m[i] = mi;                                                                                \
+            v[i] = vi;                                                                                \
+            T second = vi;                                                                            \
+            if (amsgrad) {                                                                            \
+                const T vmo = vm[i];                                                                  \
+                second = (vmo >= vi || vmo != vmo) ? vmo : vi; /* NaN propagates, as torch.maximum */ \
+                vm[i] = second;                                                                       \
+            }                                                                                         \
+            u = value * mi / (SQRT(second) * scale + offset);                                         \
+        }                                                                                             \
+        T di = has_anchor ? p[i] - a[i] : p[i];                                                       \
+        if (ftp) {                                                                                    \
+            S0 += c[i] * gi;                                                                          \
+            if (has_wd) di = di + lrwd * p[i];                                                        \
+            if (adam) di = di + u;                                                                    \
+            c[i] = di;                                                                                \
+            S1 += ABS(di);                                                                            \
+        } else {                                                                                      \
+            if (has_g) S0 += gi * di;                                                                 \
+            S1 += di * di;                                                                            \
+            if (adam) {                                                                               \
+                di = di + u;                                                                          \
+                p[i] = di;                                                                            \
+                S2 += di * di;                                                                        \
+            }                                                                                         \
+        }                                                                                             \
+    } while (0)
+
+/* `count` contiguous values from offset `o` through SWEEP_ONE; the three sums into out[], each
+ * taken in LANES partial sums of T over CHUNK values at a time, joined in double (as
+ * `displace_row`). */
+static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_args) *k, Py_ssize_t o,
+                                                               Py_ssize_t count, double out[3], const int adam,
+                                                               const int ftp, const int amsgrad,
+                                                               const int has_anchor, const int has_wd,
+                                                               const int has_g, const int small) {
+    T *restrict p = k->p + o, *restrict m = adam ? k->m + o : NULL, *restrict v = adam ? k->v + o : NULL;
+    T *restrict vm = amsgrad ? k->vm + o : NULL, *restrict c = ftp ? k->c + o : NULL;
+    const T *restrict g = has_g ? k->g + o : NULL, *restrict a = has_anchor ? k->a + o : NULL;
+    const T w1 = k->w1, beta2 = k->beta2, w2 = k->w2, scale = k->scale, offset = k->offset;
+    const T value = k->value, lrwd = k->lrwd;
+    double s0 = 0, s1 = 0, s2 = 0;
+    (void)small;
+    for (Py_ssize_t j = 0; j < count; j += CHUNK) {
+        const Py_ssize_t end = count - j > CHUNK ? j + CHUNK : count;
+        T t0 = 0, t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t0, t1, t2)
+        for (Py_ssize_t i = j; i < end; i++) SWEEP_ONE(i, t0, t1, t2);
+        s0 += t0, s1 += t1, s2 += t2;
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2;
+}
+
+/* `sweep` with every flag a constant: the common cases as their own loops, the rest general.
+ * small: the lerp's weight 1 − β1 is below 0.5 (PyTorch's lerp takes one form or the other). */
+MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t count, double out[3], int adam,
+                            int ftp, int amsgrad, int has_anchor, int has_wd, int has_g) {
+    const int small = k->w1 < (T)0.5;
+    if (adam && small && ftp && !amsgrad && has_anchor && !has_wd && has_g)
+        NAME(sweep)(k, o, count, out, 1, 1, 0, 1, 0, 1, 1);
+    else if (adam && small && ftp && !amsgrad && has_anchor && has_wd && has_g)
+        NAME(sweep)(k, o, count, out, 1, 1, 0, 1, 1, 1, 1);
+    else if (adam && small && !ftp && !amsgrad && has_anchor && has_g)
+        NAME(sweep)(k, o, count, out, 1, 0, 0, 1, 0, 1, 1);
+    else if (!adam && ftp && has_anchor && !has_wd && has_g)
+        NAME(sweep)(k, o, count, out, 0, 1, 0, 1, 0, 1, 1);
+    else if (!adam && !ftp && has_anchor && has_g)
+        NAME(sweep)(k, o, count, out, 0, 0, 0, 1, 0, 1, 1);
+    else if (!adam && !ftp && has_anchor && !has_g)
+        NAME(sweep)(k, o, count, out, 0, 0, 0, 1, 0, 0, 1);
+    else
+        NAME(sweep)(k, o, count, out, adam, ftp, amsgrad, has_anchor, has_wd, has_g, small);
+}
+
+/* The FTP sweeps (adam_ftp_displace, ftp_displace) over rows x cols, rows shared among threads:
+ * dots_r = s_r · Σ_j (c_prev ⊙ g)_rj and n_r = Σ_j |c_rj|. */
+static void NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *dots, Py_ssize_t rows,
+                           Py_ssize_t cols, int adam, int amsgrad, int has_wd, int threads) {
+    const int parallel = threads > 1 && rows > 1 && rows * cols >= PARALLEL_MIN;
+    const int has_anchor = k->a != NULL;
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        double out[3];
+        NAME(sweep_any)(k, r * cols, cols, out, adam, 1, amsgrad, has_anchor, has_wd, 1);
+        dots[r] = (double)(s[r] * (T)out[0]);
+        n[r] = (T)out[1];
+    }
+}
+
+/* The SPD sweeps (adam_spd_step, spd_sums) over `count` values in spans of SPAN, shared among
+ * threads; the spans' sums are added up in order into sums[0..2]. Returns -1 without memory. */
+static int NAME(spd_spans)(const NAME(sweep_args) *k, Py_ssize_t count, double sums[3], int adam, int amsgrad,
+                           int threads) {
+    const Py_ssize_t spans = (count + SPAN - 1) / SPAN;
+    const int has_anchor = k->a != NULL, has_g = k->g != NULL;
+    double *parts = malloc((spans > 0 ? spans : 1) * 3 * sizeof(double));
+    if (!parts) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && count >= PARALLEL_MIN)
+    for (Py_ssize_t q = 0; q < spans; q++)
+        NAME(sweep_any)(k, q * SPAN, q + 1 < spans ? SPAN : count - q * SPAN, parts + 3 * q, adam, 0, amsgrad,
+                        has_anchor, 0, has_g);
+    sums[0] = sums[1] = sums[2] = 0;
+    for (Py_ssize_t q = 0; q < spans; q++)
+        for (int i = 0; i < 3; i++) sums[i] += parts[3 * q + i];
+    free(parts);
+    return 0;
+}
+
+/* spd_decay: θ ← θ · keep + θ₀ · strength over `count` values (θ₀ = NULL: θ · keep), the
+ * SPD wrapper's (1 − λr) θ̃ + λr θ₀. */
+static void NAME(spd_decay)(T *p, const T *a, double keep_, double strength_, Py_ssize_t count, int threads) {
+    const T keep = (T)keep_, strength = (T)strength_;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && count >= PARALLEL_MIN)
+    for (Py_ssize_t q = 0; q < count; q += SPAN) {
+        T *restrict pq = p + q;
+        const T *restrict aq = a ? a + q : NULL;
+        const Py_ssize_t end = count - q < SPAN ? count - q : SPAN;
+        if (aq)
+            for (Py_ssize_t j = 0; j < end; j++) pq[j] = pq[j] * keep + aq[j] * strength;
+        else
+            for (Py_ssize_t j = 0; j < end; j++) pq[j] = pq[j] * keep;
+    }
+}
+
+#undef SWEEP_ONE
 #endif /* T */

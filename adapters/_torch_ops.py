@@ -29,6 +29,7 @@ import torch
 from ..core import FTPState, SPDStatistics, damp_radius_gradient, decay_ratio, decay_strength, radius_update
 from ..core import mars_shape as core_mars_shape
 from ..core.ftp import NORM_EPS
+from . import _triton_ops
 
 xp = compat_torch
 
@@ -408,6 +409,27 @@ def ftp_finish(params, anchors, displacements, radius_grads, t, states, *, k, sc
     ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, states, k=k, shards=shards)
 
 
+def ftp_after_step_(params, grads, anchors, states, t, *, k, scratch=None, shards=None):
+    """The `FTP` wrapper's part of a step, after the wrapped optimizer's: ``∇γ``, ``c = θ̃ − θ₀``, the projection.
+
+    ``states`` as in `ftp_finish`, their step counts already advanced to ``t``. On the CPU (with a
+    ``scratch``) the C kernels take ``∇γ``, ``c`` and ``MARS(c)`` in one sweep where they take the tensors.
+    """
+    buffers = [s["prev_displacement"] for s in states]
+    inv_norms = [s["prev_inv_norm"] for s in states]
+    if _triton_ops.takes(params, grads, anchors, buffers, inv_norms):
+        radius_grads, row_sums = _triton_ops.ftp_wrapper_sweeps(params, grads, anchors, states)
+        ftp_project_(params, anchors, buffers, row_sums, radius_grads, t, states, k=k, shards=shards)
+        return
+    if scratch is not None and kernels_take(params, grads, anchors, buffers, inv_norms):
+        radius_grads, row_sums = _ftp_displace_kernels(params, grads, anchors, buffers, inv_norms)
+        ftp_project_(params, anchors, buffers, row_sums, radius_grads, t, states, k=k, shards=shards)
+        return
+    radius_grads = radius_gradients_(grads, buffers, inv_norms)
+    displacements = displacements_into(buffers, params, anchors)
+    ftp_finish(params, anchors, displacements, radius_grads, t, states, k=k, scratch=scratch, shards=shards)
+
+
 def radius_step_(states, radius_grads, max_norms, t):
     """The radii's own Adam and clip (``core.radius_update`` on the stacked scalars), in place.
 
@@ -440,6 +462,10 @@ def ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, stat
         max_norms = shards.largest(max_norms)
     radius_grads = damp_radius_gradient(radius_grads, k, xp=xp)
     radii = radius_step_(states, radius_grads, max_norms, t)
+    inv_norms = [s["prev_inv_norm"] for s in states]
+    if _triton_ops.takes(params, anchors, displacements, norm_list, inv_norms):
+        _triton_ops.project_(params, anchors, displacements, norm_list, radii, inv_norms)
+        return
     if kernels_take(params, anchors, displacements, norm_list, [s["prev_inv_norm"] for s in states]):
         _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states)
         return
@@ -506,6 +532,10 @@ def spd_measure(params, anchors, grads=None, scratch=None):
     at a time (into ``scratch``, a `Scratch`, on the CPU), never for every tensor at once: the
     `SPD` wrapper's statistics cost one tensor's (on the CPU, one block's) temporaries.
     """
+    if _triton_ops.takes(params, anchors, grads or [None]):
+        return _triton_ops.spd_measures(params, anchors, grads)
+    if scratch is not None and kernels_take(params, anchors, grads or [None]):
+        return _spd_sums_kernels(params, anchors, grads)
     alignments, squares = [], []
     for i, (p, a) in enumerate(zip(params, anchors, strict=True)):
         g = None if grads is None else grads[i]
@@ -529,6 +559,12 @@ def decay_toward_anchors_(params, anchors, strength):
 
     The parameters hold ``θ̃``; no temporary for full-precision tensors, 16-bit ones in float32.
     """
+    if _triton_ops.takes(params, anchors):
+        _triton_ops.decay_(params, anchors, 1 - strength, wrapper=True)
+        return
+    if kernels_take(params, anchors):
+        _spd_decay_kernels_(params, anchors, strength)
+        return
     for p, anchor, s in zip(params, anchors, strength.unbind(0), strict=True):
         if p.dtype != statistics_dtype(p.dtype):
             decayed = _widened(p).mul_(1 - s)
@@ -570,6 +606,20 @@ def adam_ftp_step_(
     ``shards`` (a `Shards`) the tensors are the local shards of sharded tensors.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    if anchors is not None:
+        displacements = [s["prev_displacement"] for s in ftp_states]
+        inv_norms = [s["prev_inv_norm"] for s in ftp_states]
+        lists = (params, grads, *_adam_moments_taken(moments, amsgrad), anchors, displacements, inv_norms)
+        if _triton_ops.takes(*lists, lr=lr):
+            scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+            radius_grads, row_sums = _triton_ops.adam_ftp_sweeps(
+                params, grads, moments, anchors, ftp_states, scale, offset, value,
+                beta1=beta1, beta2=beta2, amsgrad=amsgrad, lrwd=-lr * weight_decay,
+            )  # fmt: skip
+            ftp_project_(
+                params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards
+            )
+            return
     if scratch is not None:
         _adam_ftp_blocks_(
             params, grads, moments, anchors, ftp_states, t, k=k, scratch=scratch, shards=shards, **hyper
@@ -617,6 +667,21 @@ def sgd_ftp_step_(
     ``anchors``, ``ftp_states``, ``scratch`` and ``shards`` as in `adam_ftp_step_`.
     """
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    if anchors is not None:
+        displacements = [s["prev_displacement"] for s in ftp_states]
+        inv_norms = [s["prev_inv_norm"] for s in ftp_states]
+        momentum_buffers = buffers if momentum != 0 else [None] * len(params)
+        if _triton_ops.takes(params, grads, momentum_buffers, anchors, displacements, inv_norms, lr=lr):
+            one = torch.ones_like(t)
+            coefficients = torch.where(t == 1, one, one * (1 - dampening))  # b = u on the first step
+            radius_grads, row_sums = _triton_ops.sgd_ftp_sweeps(
+                params, grads, momentum_buffers, anchors, ftp_states, coefficients,
+                lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+            )  # fmt: skip
+            ftp_project_(
+                params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards
+            )
+            return
     if scratch is not None and anchors is not None:
         displacements = [s["prev_displacement"] for s in ftp_states]
         inv_norms = [s["prev_inv_norm"] for s in ftp_states]
@@ -673,6 +738,16 @@ def adam_spd_step_(
     Adam step, no decay); ``record`` as in `spd_keep`. The parameters themselves hold ``θ − θ₀``
     until the end of the step: no full-size temporary beyond Adam's denominator.
     """
+    if anchors is not None and _triton_ops.takes(
+        params, grads, *_adam_moments_taken(moments, amsgrad), anchors, lr=lr
+    ):
+        scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+        sums = _triton_ops.adam_spd_sweeps(
+            params, grads, moments, anchors, scale, offset, value, beta1=beta1, beta2=beta2, amsgrad=amsgrad
+        )
+        statistics = spd_statistics(*sums.unbind(1), shards)
+        _triton_ops.decay_(params, anchors, spd_keep(*statistics, weight_decay, record), wrapper=False)
+        return
     if scratch is not None:
         _adam_spd_blocks_(
             params, grads, moments, anchors, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -747,6 +822,13 @@ def _adam_spd_blocks_(
     """`adam_spd_step_` on the CPU: ``⟨g, θ − θ₀⟩``, ``‖θ − θ₀‖²``, the Adam step and ``‖θ̃ − θ₀‖²`` in one pass."""
     scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     anchored = anchors is not None
+    if anchored and kernels_take(params, grads, *_adam_moments_taken(moments, amsgrad), anchors):
+        sums = _adam_spd_kernels_(
+            params, grads, moments, anchors, scale, offset, value, beta1, beta2, amsgrad
+        )
+        statistics = spd_statistics(*sums.unbind(1), shards)
+        spd_decay_(params, anchors, spd_keep(*statistics, weight_decay, record))
+        return
     sums = []
     for i, (p, g, m, v, v_max) in enumerate(zip(params, grads, *moments, strict=True)):
         anchor = anchors[i] if anchored else None
@@ -789,6 +871,18 @@ def _adam_ftp_blocks_(
     """`adam_ftp_step_` on the CPU: ``∇γ``, the Adam step, ``c`` and ``MARS(c)`` in one pass."""
     scale, offset, value = adam_coefficients(t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     anchored = anchors is not None
+    if anchored:
+        displacements = [state["prev_displacement"] for state in ftp_states]
+        inv_norms = [state["prev_inv_norm"] for state in ftp_states]
+        taken = (params, grads, *_adam_moments_taken(moments, amsgrad), anchors, displacements, inv_norms)
+        if kernels_take(*taken):
+            lrwd = -float(lr) * weight_decay
+            adam = (scale, offset, value, beta1, beta2, amsgrad, lrwd)
+            radius_grads, row_sums = _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam)
+            ftp_project_(
+                params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards
+            )
+            return
     radius_grads, row_sums = [], []
     for i, (p, g, m, v, v_max) in enumerate(zip(params, grads, *moments, strict=True)):
         state = ftp_states[i] if anchored else {}
@@ -975,3 +1069,106 @@ def _sgd_ftp_kernels_(
     torch.autograd.graph.increment_version(displacements + [b for b in buffers if b is not None])
     radius_grads = torch.tensor(radius_grads, dtype=params[0].dtype)
     ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards)
+
+
+def _adam_moments_taken(moments, amsgrad):
+    """The moment lists the kernels read: ``m`` and ``v``, and ``v*`` with amsgrad."""
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = moments
+    return (exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if amsgrad else (exp_avgs, exp_avg_sqs)
+
+
+def _adam_addresses(g, m, v, v_max, amsgrad):
+    return (g.data_ptr(), m.data_ptr(), v.data_ptr(), _address(v_max if amsgrad else None))
+
+
+def _bump_moments(moments, amsgrad):
+    """Tell autograd that the kernels wrote the moments (and ``v*``), as in-place ops would have."""
+    torch.autograd.graph.increment_version([x for xs in _adam_moments_taken(moments, amsgrad) for x in xs])
+
+
+def _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam):
+    """`_adam_ftp_blocks_` in C: one sweep per tensor (Adam, ``∇γ``, ``c``, ``MARS(c)``).
+
+    ``adam`` is ``(scale, offset, value, beta1, beta2, amsgrad, lrwd)``: `adam_coefficients`,
+    the betas and ``−lr·wd``. Returns ``(∇γ, MARS(c))``, the radius gradients undamped.
+    """
+    scale, offset, value, beta1, beta2, amsgrad, lrwd = adam
+    code = _KERNEL_DTYPES[params[0].dtype]
+    threads = torch.get_num_threads()
+    displacements = [state["prev_displacement"] for state in ftp_states]
+    inv_norms = [state["prev_inv_norm"] for state in ftp_states]
+    # everything the loop needs is allocated first: once a tensor is updated, nothing can fail
+    row_sums = [torch.empty_like(s) for s in inv_norms]
+    dots = torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+    radius_grads = []
+    for p, g, m, v, v_max, a, c, s, n, scale_i, offset_i in zip(
+        params, grads, *moments, anchors, displacements, inv_norms, row_sums, scale.tolist(), offset.tolist(),
+        strict=True,
+    ):  # fmt: skip
+        rows, cols = _rows_cols(p)
+        radius_grads.append(_kernels.adam_ftp_displace(
+            code, p.data_ptr(), *_adam_addresses(g, m, v, v_max, amsgrad), _address(a), c.data_ptr(),
+            s.data_ptr(), n.data_ptr(), dots.data_ptr(), rows, cols, beta1, beta2, scale_i, offset_i,
+            float(value), lrwd, threads,
+        ))  # fmt: skip
+    torch.autograd.graph.increment_version(displacements)
+    _bump_moments(moments, amsgrad)
+    return torch.tensor(radius_grads, dtype=params[0].dtype), row_sums
+
+
+def _adam_spd_kernels_(params, grads, moments, anchors, scale, offset, value, beta1, beta2, amsgrad):
+    """`_adam_spd_blocks_`'s sweep in C, one per tensor; returns the sums ``(⟨g, θ − θ₀⟩, ‖θ − θ₀‖²,
+    ‖θ̃ − θ₀‖²)`` per tensor (rows of a matrix), the parameters holding ``θ̃ − θ₀``."""
+    code = _KERNEL_DTYPES[params[0].dtype]
+    threads = torch.get_num_threads()
+    sums = []
+    for p, g, m, v, v_max, a, scale_i, offset_i in zip(
+        params, grads, *moments, anchors, scale.tolist(), offset.tolist(), strict=True
+    ):
+        sums.append(_kernels.adam_spd_step(
+            code, p.data_ptr(), *_adam_addresses(g, m, v, v_max, amsgrad), _address(a), p.numel(),
+            beta1, beta2, scale_i, offset_i, float(value), threads,
+        ))  # fmt: skip
+    torch.autograd.graph.increment_version(params)
+    _bump_moments(moments, amsgrad)
+    return torch.tensor(sums, dtype=params[0].dtype)
+
+
+def _ftp_displace_kernels(params, grads, anchors, displacements, inv_norms):
+    """`ftp_after_step_`'s sweep in C, one per tensor (``∇γ``, ``c``, ``MARS(c)``); returns ``(∇γ, MARS(c))``."""
+    code = _KERNEL_DTYPES[params[0].dtype]
+    threads = torch.get_num_threads()
+    row_sums = [torch.empty_like(s) for s in inv_norms]
+    dots = torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+    radius_grads = []
+    for p, g, a, c, s, n in zip(params, grads, anchors, displacements, inv_norms, row_sums, strict=True):
+        rows, cols = _rows_cols(p)
+        radius_grads.append(_kernels.ftp_displace(
+            code, p.data_ptr(), g.data_ptr(), _address(a), c.data_ptr(), s.data_ptr(), n.data_ptr(),
+            dots.data_ptr(), rows, cols, threads,
+        ))  # fmt: skip
+    torch.autograd.graph.increment_version(displacements)
+    return torch.tensor(radius_grads, dtype=params[0].dtype), row_sums
+
+
+def _spd_sums_kernels(params, anchors, grads):
+    """`spd_measure` in C: one sweep per tensor, ``θ − θ₀`` never written."""
+    code = _KERNEL_DTYPES[params[0].dtype]
+    threads = torch.get_num_threads()
+    sums = [
+        _kernels.spd_sums(code, p.data_ptr(), _address(None if grads is None else grads[i]), _address(a),
+                          p.numel(), threads)[:2]
+        for i, (p, a) in enumerate(zip(params, anchors, strict=True))
+    ]  # fmt: skip
+    alignment, squares = torch.tensor(sums, dtype=params[0].dtype).unbind(1)
+    return (None if grads is None else alignment), squares
+
+
+def _spd_decay_kernels_(params, anchors, strength):
+    """`decay_toward_anchors_` in C: ``θ ← θ·(1 − λr) + θ₀·λr``, one sweep per tensor."""
+    code = _KERNEL_DTYPES[params[0].dtype]
+    threads = torch.get_num_threads()
+    strength = strength.to(params[0].dtype)
+    for p, a, keep, s in zip(params, anchors, (1 - strength).tolist(), strength.tolist(), strict=True):
+        _kernels.spd_decay(code, p.data_ptr(), _address(a), keep, s, p.numel(), threads)
+    torch.autograd.graph.increment_version(params)

@@ -1149,15 +1149,11 @@ class FTP(_Wrapper):
         self.optimizer.step()
         # g is read after the base step, which must not change gradients in place (none of torch.optim does).
         for group, params, grads, states, shards in pending:
-            buffers = [s["prev_displacement"] for s in states]
-            radius_grads = ops.radius_gradients_(grads, buffers, [s["prev_inv_norm"] for s in states])
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
             t = ops.steps_vector(steps, _compute_dtype(params[0].dtype))
-            anchors = _anchor_list(group, states)
-            displacements = ops.displacements_into(buffers, params, anchors)
-            ops.ftp_finish(
-                params, anchors, displacements, radius_grads, t, states,
+            ops.ftp_after_step_(
+                params, grads, _anchor_list(group, states), states, t,
                 k=group["k"], scratch=self._scratch_for(params), shards=shards,
             )  # fmt: skip
         return loss

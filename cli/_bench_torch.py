@@ -1,14 +1,25 @@
-"""Step time and state memory of tether's torch optimizers against torch.optim's foreach baselines.
+"""Step time and state memory of tether's torch optimizers against torch.optim's fused baselines.
 
 ViT-B/16-shaped parameters (150 tensors, 85.8M values, float32, random gradients). Each
 optimizer has its own copy of the parameters; the steps are interleaved (one step of each,
 in turn, ``--repeats`` times) so that the noise of a shared machine hits all alike, and the
 table reports the median time per step (wall clock, and the process's CPU time, which a
 busy shared machine disturbs less) and the median over rounds of its ratio to the
-baseline's step in the same round.
+baseline's step in the same round. The baseline is what a user who cares about speed
+picks, ``torch.optim.AdamW(fused=True)`` and ``SGD(fused=True)``; the foreach
+implementations are a second column.
+
+**The floor.** A step over a large model is bound by memory traffic. Counting the
+full-size reads and writes per value: fused AdamW reads θ, g, m, v and writes θ, m, v (7);
+fused SGD with momentum 5. AdamSPD needs 11 (one sweep updates the moments, writes
+θ̃ − θ₀ and takes ⟨g, θ − θ₀⟩, ‖θ − θ₀‖ and ‖θ̃ − θ₀‖; a second decays), AdamFTP 12 (the
+sweep also reads c_prev and writes c; the projection reads θ₀ and c and writes θ), SGDFTP
+10, ``FTP(AdamW(fused))`` 14 and ``SPD(Adam(fused))`` 15. Each row's ``floor`` is its
+count over its baseline's: the ratio no implementation can beat.
 
     python benchmarks/bench_torch.py            # the full ViT-B/16 shapes (about 6 GB of memory)
     python benchmarks/bench_torch.py --quick    # 2 blocks of width 256: a smoke check
+    python benchmarks/bench_torch.py --threads 1 --dtype float64
     python benchmarks/bench_torch.py --device cuda
 
 `measure` gives the same figures as rows for `tether bench`.
@@ -24,18 +35,36 @@ import time
 import torch
 
 from tether.adapters import _torch_ops
-from tether.adapters.torch import SGDFTP, AdamFTP, AdamSPD
+from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 
-#: The two families, each a dict whose first entry is the baseline of the others.
+#: The two families: each a dict whose first entry is the baseline of the others and whose
+#: second is torch.optim's foreach implementation (the second column).
 ADAM = {
+    "torch AdamW(fused)": lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01, fused=True),
     "torch AdamW(foreach)": lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01, foreach=True),
     "AdamSPD": lambda p: AdamSPD(p, lr=1e-4, weight_decay=1.0),
     "AdamFTP": lambda p: AdamFTP(p, lr=1e-4, weight_decay=0.01),
+    "FTP(AdamW(fused))": lambda p: FTP(torch.optim.AdamW(p, lr=1e-4, weight_decay=0.01, fused=True)),
+    "SPD(Adam(fused))": lambda p: SPD(torch.optim.Adam(p, lr=1e-4, fused=True), weight_decay=1.0),
 }
 SGD = {
+    "torch SGD(momentum=0.9, fused)": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True),
     "torch SGD(momentum=0.9, foreach)": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True),
     "SGDFTP": lambda p: SGDFTP(p, lr=1e-2, momentum=0.9),
 }
+#: Full-size reads and writes per value of each step (see the module's docstring).
+PASSES = {
+    "torch AdamW(fused)": 7,
+    "torch AdamW(foreach)": 7,
+    "AdamSPD": 11,
+    "AdamFTP": 12,
+    "FTP(AdamW(fused))": 14,
+    "SPD(Adam(fused))": 15,
+    "torch SGD(momentum=0.9, fused)": 5,
+    "torch SGD(momentum=0.9, foreach)": 5,
+    "SGDFTP": 10,
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def steady_malloc():
@@ -86,7 +115,7 @@ def shapes_for(quick):
 def make_params(shapes, grads, device):
     params = []
     for shape, g in zip(shapes, grads, strict=True):
-        p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
+        p = torch.nn.Parameter((torch.randn(shape, device=device) * 0.02).to(g.dtype))
         p.grad = g
         params.append(p)
     return params
@@ -107,12 +136,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(builders, shapes, device, repeats, warmup):
-    """``{name: (median wall s, wall ratio, median CPU s, CPU ratio, state bytes)}``.
+def run(builders, shapes, device, repeats, warmup, dtype=torch.float32):
+    """``{name: (median wall s, wall ratio, median CPU s, CPU ratio, state bytes, foreach wall ratio)}``.
 
-    The ratios are to the first of ``builders``: the median over rounds of the per-round ratio.
+    The ratios are to the first of ``builders`` (the last one to the second, the foreach
+    baseline): the median over rounds of the per-round ratio.
     """
-    grads = [torch.randn(s, device=device) * 1e-3 for s in shapes]
+    grads = [(torch.randn(s, device=device) * 1e-3).to(dtype) for s in shapes]
     opts = {name: build(make_params(shapes, grads, device)) for name, build in builders.items()}
     wall = {name: [] for name in opts}
     cpu = {name: [] for name in opts}
@@ -127,29 +157,37 @@ def run(builders, shapes, device, repeats, warmup):
             sync(device)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
-    base = next(iter(opts))
-    result = {}
-    for name in opts:
+    base, foreach = list(opts)[:2]
+
+    def ratio(times, name, to):
         # the ratio to the baseline's step of the same round, then the median over rounds:
         # a shared machine's load drifts between rounds far more than within one
-        wall_ratio = statistics.median(a / b for a, b in zip(wall[name], wall[base], strict=True))
-        cpu_ratio = statistics.median(a / b for a, b in zip(cpu[name], cpu[base], strict=True))
+        return statistics.median(a / b for a, b in zip(times[name], times[to], strict=True))
+
+    result = {}
+    for name in opts:
         result[name] = (
             statistics.median(wall[name]),
-            wall_ratio,
+            ratio(wall, name, base),
             statistics.median(cpu[name]),
-            cpu_ratio,
+            ratio(cpu, name, base),
             state_bytes(opts[name]),
+            ratio(wall, name, foreach),
         )
     del opts
     return result
+
+
+def floor(name, builders):
+    """The least ratio to the family's baseline that memory traffic allows (`PASSES`)."""
+    return PASSES[name] / PASSES[next(iter(builders))]
 
 
 # --- for `tether bench` ---------------------------------------------------------------------------------
 
 
 def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 2) -> list[dict]:
-    """One row per tether optimizer against its torch.optim baseline (see `tether bench`)."""
+    """One row per tether optimizer (and torch's foreach one) against torch.optim's fused baseline."""
     steady_malloc()
     shapes = shapes_for(quick)
     repeats = repeats or (5 if quick else 9)
@@ -158,7 +196,7 @@ def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 
     for builders in (ADAM, SGD):
         result = run(builders, shapes, torch.device(device), repeats, warmup)
         base = next(iter(builders))
-        for name, (seconds, ratio, cpu_seconds, cpu_ratio, nbytes) in result.items():
+        for name, (seconds, ratio, cpu_seconds, cpu_ratio, nbytes, foreach_ratio) in result.items():
             if name == base:
                 continue
             rows.append(
@@ -171,6 +209,8 @@ def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 
                     "baseline_ms": result[base][0] * 1e3,
                     "ratio": ratio,
                     "ratio_kind": "median of per-round ratios",
+                    "foreach_ratio": None if "foreach" in name else foreach_ratio,
+                    "floor": floor(name, builders),
                     "state_bytes_per_param": nbytes / n,
                     "baseline_state_bytes_per_param": result[base][4] / n,
                     "cpu_ms": cpu_seconds * 1e3,
@@ -193,6 +233,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the parameters and state")
     ap.add_argument(
         "--default-malloc",
         action="store_true",
@@ -220,17 +261,20 @@ def main(argv=None):
     repeats = args.repeats or (5 if args.quick else 9)
     n = sum(torch.Size(s).numel() for s in shapes)
     print(
-        f"{len(shapes)} tensors, {n / 1e6:.1f}M parameters, float32, {device}, torch {torch.__version__}, "
+        f"{len(shapes)} tensors, {n / 1e6:.1f}M parameters, {args.dtype}, {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, median of {repeats} interleaved steps, "
         f"malloc {'steady (mallopt)' if steady else 'default'}, C kernels {kernels_state()}"
     )
-    print("| optimizer | wall (ms) | wall vs base | CPU (ms) | CPU vs base | state (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| optimizer | wall (ms) | wall vs base | floor | vs foreach | CPU (ms) | CPU vs base | state (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for builders in (ADAM, SGD):
-        result = run(builders, shapes, device, repeats, args.warmup)
-        for name, (seconds, wall_ratio, cpu_seconds, cpu_ratio, nbytes) in result.items():
+        result = run(builders, shapes, device, repeats, args.warmup, DTYPES[args.dtype])
+        for name, (seconds, wall_ratio, cpu_seconds, cpu_ratio, nbytes, foreach_ratio) in result.items():
+            versus_foreach = "" if "foreach" in name else f"{foreach_ratio:.2f}x"
             print(
-                f"| {name} | {seconds * 1e3:.1f} | {wall_ratio:.2f}x | {cpu_seconds * 1e3:.1f} "
-                f"| {cpu_ratio:.2f}x | {nbytes / 2**20:.0f} |"
+                f"| {name} | {seconds * 1e3:.1f} | {wall_ratio:.2f}x | {floor(name, builders):.2f}x "
+                f"| {versus_foreach} | {cpu_seconds * 1e3:.1f} | {cpu_ratio:.2f}x | {nbytes / 2**20:.0f} |"
             )
     return 0

@@ -1,9 +1,10 @@
 """The fused C kernels (adapters/_kernels.c) against the PyTorch single pass they replace.
 
 `test_torch_reference.py` runs every float64 trajectory through the kernels against the
-NumPy core at 1e-12; here: float32, every SGD option and anchor mode, shapes whose rows are
-not a multiple of the kernels' 16 lanes, which tensors take them, threads, autograd's
-version counters, NaN and the kernels' own argument checks.
+NumPy core at 1e-12; here: float32, every SGD and Adam option and anchor mode, the FTP and
+SPD wrappers around fused bases, shapes whose rows are not a multiple of the kernels' 16
+lanes, which tensors take them, threads, autograd's version counters, NaN and the kernels'
+own argument checks.
 """
 
 import contextlib
@@ -13,7 +14,7 @@ import torch
 from torch_helpers import require_kernels
 
 from tether.adapters import _torch_ops
-from tether.adapters.torch import SGDFTP, AdamFTP
+from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 
 #: A scalar, a vector, a matrix whose rows are not a multiple of 16 lanes, a conv kernel.
 SHAPES = [(), (37,), (33, 19), (6, 3, 5, 5)]
@@ -23,6 +24,31 @@ SGD_OPTIONS = [
     dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01, k=0.8),
     dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.001),
 ]
+ADAM_OPTIONS = [
+    dict(lr=0.05),
+    dict(lr=0.05, weight_decay=0.01, k=0.8),
+    dict(lr=0.05, amsgrad=True),
+    dict(lr=0.05, betas=(0.4, 0.99), eps=1e-6),  # 1 − β1 ≥ 0.5: the lerp's other form
+]
+SPD_OPTIONS = [
+    dict(lr=0.05, weight_decay=1.0),
+    dict(lr=0.05, weight_decay=0.5, amsgrad=True),
+    dict(lr=0.05, weight_decay=2.0, betas=(0.4, 0.99)),
+]
+
+
+def ftp_adamw(groups, **options):
+    return FTP(torch.optim.AdamW(groups, lr=options.pop("lr"), fused=True, **options))
+
+
+def spd_adam(groups, *, weight_decay, **options):
+    return SPD(torch.optim.Adam(groups, fused=True, **options), weight_decay=weight_decay)
+
+
+def ftp_sgd(groups, **options):
+    return FTP(torch.optim.SGD(groups, **options))
+
+
 TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14)}
 
 
@@ -86,8 +112,30 @@ def test_sgd_ftp_equals_single_pass(options, anchor, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("anchor", ["init", "zero"])
-def test_adam_ftp_projection_equals_single_pass(anchor, dtype):
-    assert_kernels_match(AdamFTP, dict(lr=0.05, weight_decay=0.01), anchor, dtype)
+@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=lambda o: ",".join(o))
+def test_adam_ftp_equals_single_pass(options, anchor, dtype):
+    assert_kernels_match(AdamFTP, options, anchor, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("anchor", ["init", "zero"])
+@pytest.mark.parametrize("options", SPD_OPTIONS, ids=lambda o: ",".join(o))
+def test_adam_spd_equals_single_pass(options, anchor, dtype):
+    assert_kernels_match(AdamSPD, options, anchor, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "make, options",
+    [
+        (ftp_adamw, dict(lr=0.05, weight_decay=0.01)),
+        (ftp_sgd, dict(lr=0.05, momentum=0.9)),
+        (spd_adam, dict(lr=0.05, weight_decay=1.0)),
+    ],
+    ids=["FTP(AdamW fused)", "FTP(SGD)", "SPD(Adam fused)"],
+)
+def test_wrappers_equal_single_pass(make, options, dtype):
+    assert_kernels_match(make, options, "init", dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -112,7 +160,10 @@ def test_a_long_float32_row_is_summed_accurately():
 
 
 def count_calls(monkeypatch, kernels):
-    calls = {"sgd_ftp_displace": 0, "ftp_project": 0}
+    calls = dict.fromkeys(
+        ["sgd_ftp_displace", "ftp_project", "adam_ftp_displace", "ftp_displace", "adam_spd_step", "spd_sums",
+         "spd_decay"], 0
+    )  # fmt: skip
 
     class Spy:
         def __getattr__(self, name):
@@ -126,10 +177,24 @@ def count_calls(monkeypatch, kernels):
     return calls
 
 
-def test_cpu_float_tensors_take_the_kernels(monkeypatch, kernels):
+TAKEN = [
+    (SGDFTP, dict(lr=0.05, momentum=0.9), {"sgd_ftp_displace": 1, "ftp_project": 1}),
+    (AdamFTP, dict(lr=0.05), {"adam_ftp_displace": 1, "ftp_project": 1}),
+    (AdamSPD, dict(lr=0.05, weight_decay=1.0), {"adam_spd_step": 1}),
+    (ftp_adamw, dict(lr=0.05), {"ftp_displace": 1, "ftp_project": 1}),
+    (spd_adam, dict(lr=0.05, weight_decay=1.0), {"spd_sums": 2, "spd_decay": 1}),
+]
+
+
+@pytest.mark.parametrize(
+    "make, options, per_tensor", TAKEN, ids=["SGDFTP", "AdamFTP", "AdamSPD", "FTP", "SPD"]
+)
+def test_cpu_float_tensors_take_the_kernels(make, options, per_tensor, monkeypatch, kernels):
     calls = count_calls(monkeypatch, kernels)
-    run(SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float32, steps=2)
-    assert calls == {"sgd_ftp_displace": 2 * len(SHAPES), "ftp_project": 2 * len(SHAPES)}
+    run(make, options, "init", torch.float32, steps=2)
+    assert {name: n for name, n in calls.items() if n} == {
+        name: 2 * len(SHAPES) * n for name, n in per_tensor.items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -151,23 +216,28 @@ def test_other_tensors_keep_the_pytorch_path(case, monkeypatch, kernels):
             expected = run(SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float64, shapes=shapes)
         assert_same_run(got, expected, torch.float64)
         # the projection reads no gradient: it still runs in C
-        assert calls == {"sgd_ftp_displace": 0, "ftp_project": 6 * len(shapes)}
+        assert {name: n for name, n in calls.items() if n} == {"ftp_project": 6 * len(shapes)}
         return
     else:
         run(SGDFTP, dict(lr=0.05, momentum=0.9), None, torch.float32, steps=2, shapes=shapes)
-    assert calls == {"sgd_ftp_displace": 0, "ftp_project": 0}
+    assert not any(calls.values())
 
 
-@pytest.mark.parametrize("cls", [SGDFTP, AdamFTP], ids=lambda c: c.__name__)
-def test_threads_do_not_change_the_result(cls):
-    """Rows are shared among threads; every sum over rows is taken in row order by one thread."""
-    shapes = [(300, 257), (1000,)]  # large enough for a parallel region
+@pytest.mark.parametrize(
+    "make, options",
+    [(make, options) for make, options, _ in TAKEN],
+    ids=["SGDFTP", "AdamFTP", "AdamSPD", "FTP", "SPD"],
+)
+def test_threads_do_not_change_the_result(make, options):
+    """Rows (FTP) or spans of values (SPD) are shared among threads; every sum over them is
+    taken in order by one thread."""
+    shapes = [(300, 257), (70_000,)]  # large enough for a parallel region
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run(cls, dict(lr=0.05), "init", torch.float32, shapes=shapes)
+        one = run(make, dict(options), "init", torch.float32, shapes=shapes)
         torch.set_num_threads(4)
-        four = run(cls, dict(lr=0.05), "init", torch.float32, shapes=shapes)
+        four = run(make, dict(options), "init", torch.float32, shapes=shapes)
     finally:
         torch.set_num_threads(threads)
     for p, q in zip(one[0], four[0], strict=True):
@@ -195,19 +265,20 @@ def test_autograd_sees_the_in_place_update():
         saved.backward()
 
 
-def test_nan_gradients_give_what_the_pytorch_path_gives():
+@pytest.mark.parametrize(
+    "make, options",
+    [(SGDFTP, dict(lr=0.05, momentum=0.9)), (AdamFTP, dict(lr=0.05, amsgrad=True)), (AdamSPD, dict(lr=0.05))],
+    ids=["SGDFTP", "AdamFTP", "AdamSPD"],
+)
+def test_nan_gradients_give_what_the_pytorch_path_gives(make, options):
     def nan_in_second_row(g):
         if g.ndim >= 2:
             g[1, 0] = float("nan")
         return g
 
-    with_kernels = run(
-        SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float32, grad_layout=nan_in_second_row
-    )
+    with_kernels = run(make, options, "init", torch.float32, grad_layout=nan_in_second_row)
     with without_kernels():
-        without = run(
-            SGDFTP, dict(lr=0.05, momentum=0.9), "init", torch.float32, grad_layout=nan_in_second_row
-        )
+        without = run(make, options, "init", torch.float32, grad_layout=nan_in_second_row)
     assert with_kernels[0][2].isnan().any()
     for p, q in zip(with_kernels[0], without[0], strict=True):
         torch.testing.assert_close(p, q, equal_nan=True, **TOLERANCE[torch.float32])
@@ -226,6 +297,17 @@ def test_the_kernels_check_their_arguments(kernels):
         kernels.dot(3, address, address, 4, 1)
     with pytest.raises(ValueError, match="n must be"):
         kernels.dot(0, address, address, -1, 1)
+    sweep = (address, address, address, address, 0, address, address, address, address, address)
+    with pytest.raises(ValueError, match="dtype code"):
+        kernels.adam_ftp_displace(5, *sweep, 1, 4, 0.9, 0.999, 1.0, 0.0, -0.1, 0.0, 1)
+    with pytest.raises(ValueError, match="rows must be"):
+        kernels.ftp_displace(0, address, address, 0, address, address, address, address, 0, 4, 1)
+    with pytest.raises(ValueError, match="count must be"):
+        kernels.adam_spd_step(0, *sweep[:6], -1, 0.9, 0.999, 1.0, 0.0, -0.1, 1)
+    with pytest.raises(ValueError, match="count must be"):
+        kernels.spd_sums(0, address, 0, 0, -4, 1)
+    with pytest.raises(ValueError, match="dtype code"):
+        kernels.spd_decay(2, address, 0, 1.0, 0.0, 4, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -3,9 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from torch_helpers import ANCHORS, make_params, named_groups, require_kernels, set_grads, to_numpy
+from torch_helpers import (
+    ANCHORS,
+    make_params,
+    named_groups,
+    require_kernels,
+    require_triton_interpreter,
+    set_grads,
+    to_numpy,
+)
 
-from tether.adapters import _torch_ops
+from tether.adapters import _torch_ops, _triton_ops
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD, _Anchored
 from tether.core.reference import ReferenceOptimizer, closed_loop_problem
 
@@ -27,16 +35,20 @@ def skipped(t):
     return {"scale"} if t % 3 == 2 else ({"fc.bias"} if t == 5 else set())
 
 
-@pytest.fixture(params=["kernels", "whole", "row_blocks", "multi_tensor"])
+@pytest.fixture(params=["kernels", "whole", "row_blocks", "multi_tensor", "triton"])
 def blocks(request, monkeypatch):
     """The fused C kernels, or the CPU's single pass in PyTorch on whole tensors or one row per
-    block, or the multi-tensor path.
+    block, or the multi-tensor path, or the Triton kernels of CUDA steps in Triton's
+    interpreter (the tests-triton session, ``TRITON_INTERPRET=1``).
 
     Float32/float64 CPU steps take the C kernels where they were built (SGD-FTP's step and
     every FTP projection), and the single pass for the rest, a block of rows at a time;
     making every tensor "large" gives one row a block. Without a scratch buffer a step takes
     the multi-tensor path that accelerators and 16-bit tensors take.
     """
+    if request.param == "triton":
+        require_triton_interpreter()
+        monkeypatch.setattr(_triton_ops, "run_on_cpu", True)
     if request.param == "kernels":
         require_kernels()
     else:

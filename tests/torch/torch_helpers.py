@@ -170,3 +170,14 @@ def snippet(name, page="scale.md"):
     if match is None:
         raise LookupError(f"docs/{page} has no snippet {name!r}")
     return match.group(1)
+
+
+def require_triton_interpreter():
+    """Skip unless Triton is installed and its interpreter is on (``TRITON_INTERPRET=1``, which
+    must be set before Triton compiles the kernels: the tests-triton session sets it)."""
+    from tether.adapters import _triton_ops
+
+    if not _triton_ops.available():
+        pytest.skip("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 is not set: the Triton kernels run in the tests-triton session")
