@@ -85,6 +85,16 @@ def tests_jax(session):
     golden(session, "jax")
 
 
+@nox.session(name="tests-triton")
+def tests_triton(session):
+    """The Triton kernels of the PyTorch adapter's CUDA steps, run on CPU tensors by Triton's
+    interpreter: float64 against the core, float32 and bfloat16 against the multi-tensor path."""
+    install(session, "torch", "triton")
+    env = {"TRITON_INTERPRET": "1"}
+    tests = ("tests/torch/test_torch_triton.py", "tests/torch/test_torch_reference.py")
+    session.run("pytest", *tests, "-k", "triton", *session.posargs, env=env)
+
+
 def _keras_session(backend):
     extras = {"tensorflow": ("keras", "tensorflow"), "jax": ("keras", "jax"), "torch": ("keras", "torch")}
 

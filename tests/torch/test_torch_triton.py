@@ -1,6 +1,7 @@
 """The Triton kernels of the CUDA steps (adapters/_triton_ops.py), run on CPU tensors by Triton's interpreter.
 
-The tests-triton session sets ``TRITON_INTERPRET=1``; elsewhere these tests skip.
+The tests-triton session sets ``TRITON_INTERPRET=1``; elsewhere these tests skip, except the
+CUDA ones at the end, which run the compiled kernels where a GPU is (``benchmarks/gpu_check.sh``).
 `test_torch_reference.py`'s "triton" cases run every float64 trajectory through the kernels
 against the NumPy core at 1e-12; here: float32 and bfloat16 against the PyTorch multi-tensor
 path (what CUDA ran before), every method, wrapper and anchor mode, which steps take the
@@ -63,16 +64,16 @@ def multi_tensor(monkeypatch):
     return use
 
 
-def run(make, options, anchor, dtype, steps=5, shapes=SHAPES):
+def run(make, options, anchor, dtype, steps=5, shapes=SHAPES, device="cpu"):
     """Parameters and optimizer state after ``steps`` steps of gradients that keep one direction."""
     torch.manual_seed(0)
-    params = [torch.nn.Parameter((1e-3 * torch.randn(s)).to(dtype)) for s in shapes]
+    params = [torch.nn.Parameter((1e-3 * torch.randn(s)).to(device, dtype)) for s in shapes]
     directions = [torch.randn(s) for s in shapes]
     opt = make([{"params": params, "anchor": anchor}], **dict(options))
     for t in range(steps):
         gen = torch.Generator().manual_seed(t)
         for p, direction in zip(params, directions, strict=True):
-            p.grad = (direction + 0.3 * torch.randn(p.shape, generator=gen)).to(dtype)
+            p.grad = (direction + 0.3 * torch.randn(p.shape, generator=gen)).to(device, dtype)
         opt.step()
     return params, opt
 
@@ -167,3 +168,49 @@ def test_cuda_tensors_only_outside_the_tests(monkeypatch):
     monkeypatch.setattr(_triton_ops, "run_on_cpu", False)
     x = [torch.zeros(3)]
     assert not _triton_ops.takes(x, x)
+
+
+# -- on a GPU: the compiled kernels -----------------------------------------------------------
+
+cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _triton_ops.available()), reason="needs CUDA and Triton"
+)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_kernels_equal_the_multi_tensor_path(monkeypatch, case, dtype):
+    """On CUDA the steps take the Triton kernels; they agree with the multi-tensor path (float64:
+    at 1e-12; float32 at float32's tolerance; bfloat16 within the multi-tensor path's own drift)."""
+    calls = spy(monkeypatch)
+    make, options = CASES[case]
+    got = tensors(*run(make, options, "init", dtype, device="cuda"))
+    assert "_sweep" in calls
+    monkeypatch.setattr(_triton_ops, "triton", None)  # the multi-tensor path
+    want = tensors(*run(make, options, "init", dtype, device="cuda"))
+    exact = tensors(*run(make, options, "init", torch.float64, device="cuda"))
+    for name, value in got.items():
+        if dtype == torch.float64:
+            torch.testing.assert_close(value.double(), want[name].double(), rtol=1e-12, atol=1e-14, msg=name)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            reference = exact[name].float()
+            ulp = 2.0**-7 * reference.abs().max().item()
+            drift, multi_drift = ((x[name] - reference).abs().max().item() for x in (got, want))
+            assert drift <= 1.5 * multi_drift + ulp, (name, drift, multi_drift)
+
+
+@cuda
+def test_a_cuda_step_never_synchronises(monkeypatch):
+    """Every scalar the kernels read lives on the device: a step with sync debug mode set to
+    "error" raises nothing."""
+    _, opt = run(AdamFTP, dict(lr=0.05), "init", torch.float32, steps=1, device="cuda")
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
