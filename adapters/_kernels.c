@@ -1,27 +1,38 @@
-/* Fused CPU kernels of the PyTorch adapter's FTP steps (private; tether.adapters._kernels).
+/* Fused CPU kernels of the PyTorch adapter's steps (private; tether.adapters._kernels).
  *
  * On a CPU an optimizer step over a large model is bound by memory traffic. PyTorch's eager
  * ops read and write every tensor once per op, and even the adapter's blocked single pass
- * (`_torch_ops._sgd_ftp_blocks_`) pays one in-cache sweep per op. These two kernels do the
- * elementwise part of one tensor's FTP step (ALGORITHMS.md §3, §4) in one sweep each, a row at
- * a time; everything that involves more than one tensor (the radius's own Adam, the clip)
- * stays in `tether.core`, called by `_torch_ops` between the two.
+ * (`_torch_ops._adam_ftp_blocks_` and its siblings) pays one in-cache sweep per op. These
+ * kernels do the elementwise part of one tensor's step (ALGORITHMS.md §3–§6) in one sweep for
+ * the base step and every reduction, and one for the projection or the decay; everything that
+ * involves more than one tensor (the radius's own Adam, the clip, SPD's ratio) stays in
+ * `tether.core`, called by `_torch_ops` between the two.
  *
  * A tensor is seen as `rows x cols`: MARS (`core.mars_norm`) reduces every axis but the first,
- * so `rows` is its first dimension (1 for a vector or a scalar) and `cols` the rest. Every
- * array is contiguous and of one dtype (float32 or float64), passed as its address (an integer,
- * `Tensor.data_ptr()`); `_torch_ops` checks all of that before calling in. The GIL is released
- * while a kernel runs, and rows are shared among `threads` OpenMP threads. Each reduction over
- * rows is summed by one thread in row order, so the results do not depend on `threads`.
+ * so `rows` is its first dimension (1 for a vector or a scalar) and `cols` the rest; SPD's sums
+ * are over the whole tensor, in spans of SPAN values. Every array is contiguous and of one
+ * dtype (float32 or float64), passed as its address (an integer, `Tensor.data_ptr()`; for a
+ * sharded parameter, its local shard's); `_torch_ops` checks all of that before calling in.
+ * The GIL is released while a kernel runs, and rows (spans) are shared among `threads` OpenMP
+ * threads. Each reduction over rows (spans) is summed by one thread in order, so the results do
+ * not depend on `threads`.
  *
- *   sgd_ftp_displace: ∇γ = Σ_r s_r Σ_j (c_prev ⊙ g)_rj, the SGD step (weight decay, momentum,
- *                     dampening, Nesterov as torch.optim.SGD), c = (θ − θ₀) − lr·d written over
- *                     c_prev, and the row sums Σ_j |c_rj|. Returns ∇γ. (The norms' 1e-8 and
- *                     max n are `_torch_ops`'s: for a shard, the row sums are partial.)
+ *   adam_ftp_displace, sgd_ftp_displace, ftp_displace:
+ *                     ∇γ = Σ_r s_r Σ_j (c_prev ⊙ g)_rj, the base step (torch.optim.Adam's or
+ *                     SGD's; none for the FTP wrapper, whose base has stepped), c = (θ − θ₀) + u
+ *                     written over c_prev, and the row sums Σ_j |c_rj|. Returns ∇γ. (The norms'
+ *                     1e-8 and max n are `_torch_ops`'s: for a shard, the row sums are partial.)
  *   ftp_project:      θ = θ₀ + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r.
+ *   adam_spd_step:    ⟨g, θ − θ₀⟩, ‖θ − θ₀‖², Adam's step into θ (which then holds θ̃ − θ₀) and
+ *                     ‖θ̃ − θ₀‖²; `_torch_ops` decays with one addcmul.
+ *   spd_sums:         the SPD wrapper's ⟨g, θ − θ₀⟩ and ‖θ − θ₀‖² (before and after the wrapped step).
+ *   spd_decay:        the SPD wrapper's θ ← (1 − λr) θ̃ + λr θ₀.
  *   dot:              Σ a · b over a whole tensor (Σ a² without b), in spans of SPAN values
  *                     whose sums are added up in order: the same bits for any thread count
  *                     (MKL's dot, under torch.dot, splits its sum by the thread count).
+ *
+ * The sweeps are one loop body (SWEEP_ONE) specialised by constant flags, vectorised by
+ * `omp simd` and compiled for AVX-512 and AVX2 as well as the x86-64 baseline (picked at load).
  */
 #ifndef T /* the module; the kernels for one dtype T are the part after #else */
 
@@ -47,6 +58,13 @@
 #define PARALLEL_MIN (1L << 16)
 /* Values per span of `dot`: each span is summed by one thread, the spans' sums in order. */
 #define SPAN (1L << 14)
+/* The base step of a sweep: none (the wrappers' measures), Adam's or SGD's. */
+enum { NONE = 0, ADAM = 1, SGD = 2 };
+/* The flags of a sweep, one bit each (`sweep_any` decodes them). */
+enum {
+    F_FTP = 1, F_AMSGRAD = 2, F_ANCHOR = 4, F_WD = 8, F_G = 16, F_SMALL = 32, F_MOMENTUM = 64, F_NESTEROV = 128,
+};
+
 /* The Adam sweeps are compiled for AVX-512 and AVX2 too, picked at load time by the CPU
  * (GCC's function multiversioning); elsewhere one portable build. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -54,9 +72,11 @@
 #else
 #define MULTIVERSION
 #endif
-/* How far ahead (values) `displace` prefetches its five streams: its sweep took about 8% less
+/* How far ahead (values) a sweep prefetches its streams: SGD-FTP's sweep took about 8% less
  * time with it than without on the 2-core EPYC this was measured on (256 and 1024: no better). */
 #define AHEAD 512
+/* Values per cache line of T. */
+#define LINE (64 / (Py_ssize_t)sizeof(T))
 
 /* `p[j] = a[j] + scale·c[j]` (a = NULL: 0) from `j` (p + j 16-byte aligned) with streaming
  * stores, as far as whole vectors go; returns where it stopped. */
@@ -133,29 +153,6 @@ static int check_shape(Py_ssize_t rows, Py_ssize_t cols) {
     return -1;
 }
 
-static PyObject *sgd_ftp_displace(PyObject *self, PyObject *args) {
-    (void)self;
-    int dtype, nesterov, threads;
-    unsigned long long p, g, b, a, c, s, n, dots_address;
-    Py_ssize_t rows, cols;
-    double lr, momentum, coef, wd;
-    if (!PyArg_ParseTuple(args, "iKKKKKKKKnnddddpi", &dtype, &p, &g, &b, &a, &c, &s, &n, &dots_address, &rows,
-                          &cols, &lr, &momentum, &coef, &wd, &nesterov, &threads))
-        return NULL;
-    if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
-    double *dots = (double *)dots_address, grad = 0;
-    Py_BEGIN_ALLOW_THREADS;
-    if (dtype == 0)
-        displace_f32((float *)p, (const float *)g, (float *)b, (const float *)a, (float *)c, (const float *)s,
-                     (float *)n, dots, rows, cols, lr, momentum, coef, wd, nesterov, threads);
-    else
-        displace_f64((double *)p, (const double *)g, (double *)b, (const double *)a, (double *)c,
-                     (const double *)s, (double *)n, dots, rows, cols, lr, momentum, coef, wd, nesterov, threads);
-    for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
-    Py_END_ALLOW_THREADS;
-    return PyFloat_FromDouble(grad);
-}
-
 static PyObject *ftp_project(PyObject *self, PyObject *args) {
     (void)self;
     int dtype, threads;
@@ -198,31 +195,35 @@ static PyObject *dot(PyObject *self, PyObject *args) {
 }
 
 /* The sweep's arguments for one dtype: addresses as integers (0: absent), scalars as doubles. */
-#define SWEEP_ARGS(TT, SUFFIX)                                                                     \
-    sweep_args_##SUFFIX k = {                                                                      \
-        .p = (TT *)p, .m = (TT *)m, .v = (TT *)v, .vm = (TT *)vm, .c = (TT *)c,                     \
-        .g = (const TT *)g, .a = (const TT *)a, .w1 = (TT)(1 - beta1), .beta2 = (TT)beta2,          \
-        .w2 = (TT)(1 - beta2), .scale = (TT)scale, .offset = (TT)offset, .value = (TT)value,       \
-        .lrwd = (TT)lrwd,                                                                          \
+typedef struct {
+    unsigned long long p, g, m, v, vm, a, c, b;
+    double beta1, beta2, scale, offset, value, lrwd, lr, momentum, coef, wd;
+} sweep_in;
+
+#define SWEEP_ARGS(TT, SUFFIX, IN)                                                                  \
+    sweep_args_##SUFFIX k = {                                                                       \
+        .p = (TT *)(IN).p, .m = (TT *)(IN).m, .v = (TT *)(IN).v, .vm = (TT *)(IN).vm,                \
+        .c = (TT *)(IN).c, .b = (TT *)(IN).b, .g = (const TT *)(IN).g, .a = (const TT *)(IN).a,     \
+        .w1 = (TT)(1 - (IN).beta1), .beta2 = (TT)(IN).beta2, .w2 = (TT)(1 - (IN).beta2),            \
+        .scale = (TT)(IN).scale, .offset = (TT)(IN).offset, .value = (TT)(IN).value,                \
+        .lrwd = (TT)(IN).lrwd, .lr = (TT)(IN).lr, .momentum = (TT)(IN).momentum,                    \
+        .coef = (TT)(IN).coef, .wd = (TT)(IN).wd,                                                   \
     }
 
-/* The FTP sweeps: with Adam (adam = 1) AdamFTP's step, without it the FTP wrapper's measure of
- * the wrapped optimizer's result. Returns ∇γ = Σ_r dots_r. */
-static PyObject *ftp_sweep(int adam, int dtype, unsigned long long p, unsigned long long g, unsigned long long m,
-                           unsigned long long v, unsigned long long vm, unsigned long long a, unsigned long long c,
-                           unsigned long long s, unsigned long long n, unsigned long long dots_address,
-                           Py_ssize_t rows, Py_ssize_t cols, double beta1, double beta2, double scale,
-                           double offset, double value, double lrwd, int threads) {
+/* The FTP sweeps over rows x cols (base: ADAM, SGD or NONE, the wrapper's measure after the
+ * wrapped step); s, n and dots as in `ftp_rows`. Returns ∇γ = Σ_r dots_r. */
+static PyObject *ftp_sweep(int base, int dtype, sweep_in in, unsigned long long s, unsigned long long n,
+                           unsigned long long dots_address, Py_ssize_t rows, Py_ssize_t cols, int nesterov,
+                           int threads) {
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
     double *dots = (double *)dots_address, grad = 0;
-    const int amsgrad = vm != 0, has_wd = lrwd != 0;
     Py_BEGIN_ALLOW_THREADS;
     if (dtype == 0) {
-        SWEEP_ARGS(float, f32);
-        ftp_rows_f32(&k, (const float *)s, (float *)n, dots, rows, cols, adam, amsgrad, has_wd, threads);
+        SWEEP_ARGS(float, f32, in);
+        ftp_rows_f32(&k, (const float *)s, (float *)n, dots, rows, cols, base, nesterov, threads);
     } else {
-        SWEEP_ARGS(double, f64);
-        ftp_rows_f64(&k, (const double *)s, (double *)n, dots, rows, cols, adam, amsgrad, has_wd, threads);
+        SWEEP_ARGS(double, f64, in);
+        ftp_rows_f64(&k, (const double *)s, (double *)n, dots, rows, cols, base, nesterov, threads);
     }
     for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
     Py_END_ALLOW_THREADS;
@@ -232,24 +233,38 @@ static PyObject *ftp_sweep(int adam, int dtype, unsigned long long p, unsigned l
 static PyObject *adam_ftp_displace(PyObject *self, PyObject *args) {
     (void)self;
     int dtype, threads;
-    unsigned long long p, g, m, v, vm, a, c, s, n, dots;
+    sweep_in in = {0};
+    unsigned long long s, n, dots;
     Py_ssize_t rows, cols;
-    double beta1, beta2, scale, offset, value, lrwd;
-    if (!PyArg_ParseTuple(args, "iKKKKKKKKKKnnddddddi", &dtype, &p, &g, &m, &v, &vm, &a, &c, &s, &n, &dots, &rows,
-                          &cols, &beta1, &beta2, &scale, &offset, &value, &lrwd, &threads))
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKKKnnddddddi", &dtype, &in.p, &in.g, &in.m, &in.v, &in.vm, &in.a, &in.c,
+                          &s, &n, &dots, &rows, &cols, &in.beta1, &in.beta2, &in.scale, &in.offset, &in.value,
+                          &in.lrwd, &threads))
         return NULL;
-    return ftp_sweep(1, dtype, p, g, m, v, vm, a, c, s, n, dots, rows, cols, beta1, beta2, scale, offset, value,
-                     lrwd, threads);
+    return ftp_sweep(ADAM, dtype, in, s, n, dots, rows, cols, 0, threads);
+}
+
+static PyObject *sgd_ftp_displace(PyObject *self, PyObject *args) {
+    (void)self;
+    int dtype, nesterov, threads;
+    sweep_in in = {0};
+    unsigned long long s, n, dots;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKnnddddpi", &dtype, &in.p, &in.g, &in.b, &in.a, &in.c, &s, &n, &dots, &rows,
+                          &cols, &in.lr, &in.momentum, &in.coef, &in.wd, &nesterov, &threads))
+        return NULL;
+    return ftp_sweep(SGD, dtype, in, s, n, dots, rows, cols, nesterov, threads);
 }
 
 static PyObject *ftp_displace(PyObject *self, PyObject *args) {
     (void)self;
     int dtype, threads;
-    unsigned long long p, g, a, c, s, n, dots;
+    sweep_in in = {0};
+    unsigned long long s, n, dots;
     Py_ssize_t rows, cols;
-    if (!PyArg_ParseTuple(args, "iKKKKKKKnni", &dtype, &p, &g, &a, &c, &s, &n, &dots, &rows, &cols, &threads))
+    if (!PyArg_ParseTuple(args, "iKKKKKKKnni", &dtype, &in.p, &in.g, &in.a, &in.c, &s, &n, &dots, &rows, &cols,
+                          &threads))
         return NULL;
-    return ftp_sweep(0, dtype, p, g, 0, 0, 0, a, c, s, n, dots, rows, cols, 0.9, 0.999, 1, 0, 0, 0, threads);
+    return ftp_sweep(NONE, dtype, in, s, n, dots, rows, cols, 0, threads);
 }
 
 static int check_count(Py_ssize_t count) {
@@ -260,21 +275,17 @@ static int check_count(Py_ssize_t count) {
 
 /* The SPD sweeps: with Adam AdamSPD's step, without it the SPD wrapper's measure (g = 0: ‖θ − θ₀‖²
  * only). Returns (⟨g, θ − θ₀⟩, ‖θ − θ₀‖², ‖θ̃ − θ₀‖²). */
-static PyObject *spd_sweep(int adam, int dtype, unsigned long long p, unsigned long long g, unsigned long long m,
-                           unsigned long long v, unsigned long long vm, unsigned long long a, Py_ssize_t count,
-                           double beta1, double beta2, double scale, double offset, double value, int threads) {
+static PyObject *spd_sweep(int base, int dtype, sweep_in in, Py_ssize_t count, int threads) {
     if (check_dtype(dtype) || check_count(count)) return NULL;
-    const unsigned long long c = 0;
-    const double lrwd = 0;
     double sums[3];
     int failed;
     Py_BEGIN_ALLOW_THREADS;
     if (dtype == 0) {
-        SWEEP_ARGS(float, f32);
-        failed = spd_spans_f32(&k, count, sums, adam, vm != 0, threads);
+        SWEEP_ARGS(float, f32, in);
+        failed = spd_spans_f32(&k, count, sums, base, threads);
     } else {
-        SWEEP_ARGS(double, f64);
-        failed = spd_spans_f64(&k, count, sums, adam, vm != 0, threads);
+        SWEEP_ARGS(double, f64, in);
+        failed = spd_spans_f64(&k, count, sums, base, threads);
     }
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
@@ -284,22 +295,21 @@ static PyObject *spd_sweep(int adam, int dtype, unsigned long long p, unsigned l
 static PyObject *adam_spd_step(PyObject *self, PyObject *args) {
     (void)self;
     int dtype, threads;
-    unsigned long long p, g, m, v, vm, a;
+    sweep_in in = {0};
     Py_ssize_t count;
-    double beta1, beta2, scale, offset, value;
-    if (!PyArg_ParseTuple(args, "iKKKKKKndddddi", &dtype, &p, &g, &m, &v, &vm, &a, &count, &beta1, &beta2, &scale,
-                          &offset, &value, &threads))
+    if (!PyArg_ParseTuple(args, "iKKKKKKndddddi", &dtype, &in.p, &in.g, &in.m, &in.v, &in.vm, &in.a, &count,
+                          &in.beta1, &in.beta2, &in.scale, &in.offset, &in.value, &threads))
         return NULL;
-    return spd_sweep(1, dtype, p, g, m, v, vm, a, count, beta1, beta2, scale, offset, value, threads);
+    return spd_sweep(ADAM, dtype, in, count, threads);
 }
 
 static PyObject *spd_sums(PyObject *self, PyObject *args) {
     (void)self;
     int dtype, threads;
-    unsigned long long p, g, a;
+    sweep_in in = {0};
     Py_ssize_t count;
-    if (!PyArg_ParseTuple(args, "iKKKni", &dtype, &p, &g, &a, &count, &threads)) return NULL;
-    return spd_sweep(0, dtype, p, g, 0, 0, 0, a, count, 0.9, 0.999, 1, 0, 0, threads);
+    if (!PyArg_ParseTuple(args, "iKKKni", &dtype, &in.p, &in.g, &in.a, &count, &threads)) return NULL;
+    return spd_sweep(NONE, dtype, in, count, threads);
 }
 
 static PyObject *spd_decay(PyObject *self, PyObject *args) {
@@ -362,83 +372,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
 
 #else /* T: the kernels for one dtype, included twice by the first part of this file */
-
-/* One element of `displace`, index i: the SGD step of torch.optim.SGD (u, b, d), then
- * c = (θ − θ₀) − lr·d written over c_prev after DOT has taken ⟨c_prev, g⟩; L1 takes |c|.
- * The flags are constants in each specialization of `displace_row`. */
-#define DISPLACE_ONE(i, DOT, L1)                                                                      \
-    do {                                                                                              \
-        const T gi = g[i];                                                                            \
-        DOT += c[i] * gi;                                                                             \
-        const T u = has_wd ? gi + wd * p[i] : gi;                                                     \
-        T d = u;                                                                                      \
-        if (has_momentum) {                                                                           \
-            const T bi = m * b[i] + coef * u;                                                         \
-            b[i] = bi;                                                                                \
-            d = nesterov ? u + m * bi : bi;                                                           \
-        }                                                                                             \
-        const T ci = (has_anchor ? p[i] - a[i] : p[i]) - lr * d;                                      \
-        c[i] = ci;                                                                                    \
-        L1 += ABS(ci);                                                                                \
-    } while (0)
-
-/* One row of `displace`: returns Σ_j |c_j| and sets *dot_out = Σ_j c_prev_j · g_j. Each is
- * summed in LANES partial sums of T (so that the loop vectorizes) over CHUNK values at a time,
- * whose results are added up in double: a float32 row of any length is summed about as
- * accurately as PyTorch's cascade sum. */
-static inline __attribute__((always_inline)) T NAME(displace_row)(
-    T *restrict p, const T *restrict g, T *restrict b, const T *restrict a, T *restrict c, Py_ssize_t cols,
-    T lr, T m, T coef, T wd, const int has_momentum, const int has_anchor, const int has_wd,
-    const int nesterov, T *restrict dot_out) {
-    double dot_sum = 0, l1_sum = 0;
-    Py_ssize_t j = 0;
-    while (j + LANES <= cols) {
-        T dot[LANES] = {0}, l1[LANES] = {0};
-        const Py_ssize_t end = cols - j > CHUNK ? j + CHUNK : cols;
-        for (; j + LANES <= end; j += LANES) {
-            __builtin_prefetch(g + j + AHEAD);
-            __builtin_prefetch(c + j + AHEAD, 1);
-            __builtin_prefetch(p + j + AHEAD);
-            if (has_anchor) __builtin_prefetch(a + j + AHEAD);
-            if (has_momentum) __builtin_prefetch(b + j + AHEAD, 1);
-            for (int k = 0; k < LANES; k++) DISPLACE_ONE(j + k, dot[k], l1[k]);
-        }
-        for (int k = 0; k < LANES; k++) {
-            dot_sum += dot[k];
-            l1_sum += l1[k];
-        }
-    }
-    T dot_tail = 0, l1_tail = 0;
-    for (; j < cols; j++) DISPLACE_ONE(j, dot_tail, l1_tail);
-    *dot_out = (T)(dot_sum + dot_tail);
-    return (T)(l1_sum + l1_tail);
-}
-
-/* sgd_ftp_displace for one tensor: dots_r = s_r · ⟨c_prev, g⟩_r and n_r = Σ_j |c_rj|. */
-static void NAME(displace)(T *p, const T *g, T *b, const T *a, T *c, const T *s, T *n, double *dots,
-                           Py_ssize_t rows, Py_ssize_t cols, double lr_, double momentum_, double coef_,
-                           double wd_, int nesterov, int threads) {
-    const T lr = (T)lr_, m = (T)momentum_, coef = (T)coef_, wd = (T)wd_;
-    const int has_momentum = b != NULL, has_anchor = a != NULL, has_wd = wd_ != 0;
-    const int parallel = threads > 1 && rows > 1 && rows * cols >= PARALLEL_MIN;
-#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const Py_ssize_t o = r * cols;
-        T *restrict pr = p + o, *restrict br = has_momentum ? b + o : NULL, *restrict cr = c + o;
-        const T *restrict gr = g + o, *restrict ar = has_anchor ? a + o : NULL;
-        T dot, l1;
-        /* the common cases as their own loops, the rest through the general one */
-        if (has_momentum && has_anchor && !has_wd && !nesterov)
-            l1 = NAME(displace_row)(pr, gr, br, ar, cr, cols, lr, m, coef, wd, 1, 1, 0, 0, &dot);
-        else if (has_momentum && !has_anchor && !has_wd && !nesterov)
-            l1 = NAME(displace_row)(pr, gr, br, ar, cr, cols, lr, m, coef, wd, 1, 0, 0, 0, &dot);
-        else
-            l1 = NAME(displace_row)(pr, gr, br, ar, cr, cols, lr, m, coef, wd, has_momentum, has_anchor, has_wd,
-                                    nesterov, &dot);
-        dots[r] = (double)(s[r] * dot);
-        n[r] = l1;
-    }
-}
 
 /* ftp_project for one tensor: p_r = a_r + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r. */
 static void NAME(project)(T *p, const T *a, const T *c, const T *n, T *s, double radius_, Py_ssize_t rows,
@@ -522,30 +455,34 @@ static double NAME(dot)(const T *a, const T *b, Py_ssize_t n, int threads) {
     return total;
 }
 
-#undef DISPLACE_ONE
 
 /* -- the Adam steps and the wrappers' sweeps ------------------------------------------------- */
 
 /* The arrays and scalars of one tensor's sweep (`sweep`). Scalars are in T, as PyTorch's
- * kernels take them: w1 = 1 − β1 (the lerp's weight), beta2, w2 = 1 − β2, Adam's coefficients
- * x ← x + value · m / (√v* · scale + offset) (`_torch_ops.adam_coefficients`), lrwd = −lr·wd. */
+ * kernels take them. Adam: w1 = 1 − β1 (the lerp's weight), beta2, w2 = 1 − β2, the
+ * coefficients of x ← x + value · m / (√v* · scale + offset) (`_torch_ops.adam_coefficients`),
+ * lrwd = −lr·wd (AdamW's decay); SGD: lr, momentum, coef (of u in the momentum buffer b: 1 on
+ * the first step, else 1 − dampening), wd (added to the gradient). */
 typedef struct {
-    T *p, *m, *v, *vm, *c;
+    T *p, *m, *v, *vm, *c, *b;
     const T *g, *a;
-    T w1, beta2, w2, scale, offset, value, lrwd;
+    T w1, beta2, w2, scale, offset, value, lrwd; /* Adam */
+    T lr, momentum, coef, wd;                     /* SGD */
 } NAME(sweep_args);
 
 /* One element of `sweep` (the flags are constants in each specialization):
- *   adam:  m ← lerp(m, g, 1 − β1), v ← β2·v + (1 − β2)·g², v* ← max(v*, v) with amsgrad, and
+ *   ADAM:  m ← lerp(m, g, 1 − β1), v ← β2·v + (1 − β2)·g², v* ← max(v*, v) with amsgrad, and
  *          the step u = value · m / (√v* · scale + offset), as torch.optim.Adam;
+ *   SGD:   d = g [+ wd·θ], b ← μ·b + coef·d and d = b (Nesterov: d + μ·b), the step u = −lr·d,
+ *          as torch.optim.SGD;
  *   ftp:   S0 += c_prev·g, c = (θ − θ₀) [+ lrwd·θ] [+ u] written over c_prev, S1 += |c|;
- *   else (SPD): d = θ − θ₀, S0 += g·d, S1 += d², and with adam θ ← d + u (the parameter holds
+ *   else (SPD): d = θ − θ₀, S0 += g·d, S1 += d², and with a base step θ ← d + u (the parameter holds
  *          θ̃ − θ₀ until the decay), S2 += (θ̃ − θ₀)². */
 #define SWEEP_ONE(i, S0, S1, S2)                                                                      \
     do {                                                                                              \
         const T gi = has_g ? g[i] : 0;                                                                \
         T u = 0;                                                                                      \
-        if (adam) {                                                                                   \
+        if (base == ADAM) {                                                                           \
             const T mo = m[i];                                                                        \
             const T mi = small ? mo + w1 * (gi - mo) : gi - (gi - mo) * ((T)1 - w1);                   \
             const T vi = v[i] * beta2 + w2 * gi * gi;                                                 \
@@ -558,18 +495,26 @@ typedef struct {
                 vm[i] = second;                                                                       \
             }                                                                                         \
             u = value * mi / (SQRT(second) * scale + offset);                                         \
+        } else if (base == SGD) {                                                                     \
+            T d = has_wd ? gi + wd * p[i] : gi;                                                       \
+            if (has_momentum) {                                                                       \
+                const T bi = momentum * b[i] + coef * d;                                              \
+                b[i] = bi;                                                                            \
+                d = nesterov ? d + momentum * bi : bi;                                                \
+            }                                                                                         \
+            u = -(lr * d);                                                                            \
         }                                                                                             \
         T di = has_anchor ? p[i] - a[i] : p[i];                                                       \
         if (ftp) {                                                                                    \
             S0 += c[i] * gi;                                                                          \
-            if (has_wd) di = di + lrwd * p[i];                                                        \
-            if (adam) di = di + u;                                                                    \
+            if (base == ADAM && has_wd) di = di + lrwd * p[i];                                        \
+            if (base) di = di + u;                                                                    \
             c[i] = di;                                                                                \
             S1 += ABS(di);                                                                            \
         } else {                                                                                      \
             if (has_g) S0 += gi * di;                                                                 \
             S1 += di * di;                                                                            \
-            if (adam) {                                                                               \
+            if (base) {                                                                               \
                 di = di + u;                                                                          \
                 p[i] = di;                                                                            \
                 S2 += di * di;                                                                        \
@@ -578,22 +523,34 @@ typedef struct {
     } while (0)
 
 /* `count` contiguous values from offset `o` through SWEEP_ONE; the three sums into out[], each
- * taken in LANES partial sums of T over CHUNK values at a time, joined in double (as
- * `displace_row`). */
+ * summed in T over CHUNK values at a time (in the vector lanes `omp simd` makes), those sums
+ * joined in double: a float32 row of any length is summed about as accurately as PyTorch's
+ * cascade sum, and in the same order for any thread count. */
 static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_args) *k, Py_ssize_t o,
-                                                               Py_ssize_t count, double out[3], const int adam,
+                                                               Py_ssize_t count, double out[3], const int base,
                                                                const int ftp, const int amsgrad,
                                                                const int has_anchor, const int has_wd,
-                                                               const int has_g, const int small) {
-    T *restrict p = k->p + o, *restrict m = adam ? k->m + o : NULL, *restrict v = adam ? k->v + o : NULL;
-    T *restrict vm = amsgrad ? k->vm + o : NULL, *restrict c = ftp ? k->c + o : NULL;
+                                                               const int has_g, const int small,
+                                                               const int has_momentum, const int nesterov) {
+    T *restrict p = k->p + o, *restrict m = base == ADAM ? k->m + o : NULL;
+    T *restrict v = base == ADAM ? k->v + o : NULL, *restrict vm = amsgrad ? k->vm + o : NULL;
+    T *restrict c = ftp ? k->c + o : NULL, *restrict b = has_momentum ? k->b + o : NULL;
     const T *restrict g = has_g ? k->g + o : NULL, *restrict a = has_anchor ? k->a + o : NULL;
     const T w1 = k->w1, beta2 = k->beta2, w2 = k->w2, scale = k->scale, offset = k->offset;
-    const T value = k->value, lrwd = k->lrwd;
+    const T value = k->value, lrwd = k->lrwd, lr = k->lr, momentum = k->momentum, coef = k->coef, wd = k->wd;
     double s0 = 0, s1 = 0, s2 = 0;
-    (void)small;
     for (Py_ssize_t j = 0; j < count; j += CHUNK) {
         const Py_ssize_t end = count - j > CHUNK ? j + CHUNK : count;
+        /* each stream's lines AHEAD values on, a chunk's worth at a time (a prefetch inside the
+         * simd loop would keep it from vectorizing) */
+        for (Py_ssize_t q = j + AHEAD; q < end + AHEAD && q < count; q += LINE) {
+            __builtin_prefetch(p + q, 1);
+            if (has_g) __builtin_prefetch(g + q);
+            if (has_anchor) __builtin_prefetch(a + q);
+            if (ftp) __builtin_prefetch(c + q, 1);
+            if (base == ADAM) __builtin_prefetch(m + q, 1), __builtin_prefetch(v + q, 1);
+            if (has_momentum) __builtin_prefetch(b + q, 1);
+        }
         T t0 = 0, t1 = 0, t2 = 0;
 #pragma omp simd reduction(+ : t0, t1, t2)
         for (Py_ssize_t i = j; i < end; i++) SWEEP_ONE(i, t0, t1, t2);
@@ -603,36 +560,48 @@ static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_a
 }
 
 /* `sweep` with every flag a constant: the common cases as their own loops, the rest general.
- * small: the lerp's weight 1 − β1 is below 0.5 (PyTorch's lerp takes one form or the other). */
-MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t count, double out[3], int adam,
-                            int ftp, int amsgrad, int has_anchor, int has_wd, int has_g) {
-    const int small = k->w1 < (T)0.5;
-    if (adam && small && ftp && !amsgrad && has_anchor && !has_wd && has_g)
-        NAME(sweep)(k, o, count, out, 1, 1, 0, 1, 0, 1, 1);
-    else if (adam && small && ftp && !amsgrad && has_anchor && has_wd && has_g)
-        NAME(sweep)(k, o, count, out, 1, 1, 0, 1, 1, 1, 1);
-    else if (adam && small && !ftp && !amsgrad && has_anchor && has_g)
-        NAME(sweep)(k, o, count, out, 1, 0, 0, 1, 0, 1, 1);
-    else if (!adam && ftp && has_anchor && !has_wd && has_g)
-        NAME(sweep)(k, o, count, out, 0, 1, 0, 1, 0, 1, 1);
-    else if (!adam && !ftp && has_anchor && has_g)
-        NAME(sweep)(k, o, count, out, 0, 0, 0, 1, 0, 1, 1);
-    else if (!adam && !ftp && has_anchor && !has_g)
-        NAME(sweep)(k, o, count, out, 0, 0, 0, 1, 0, 0, 1);
-    else
-        NAME(sweep)(k, o, count, out, adam, ftp, amsgrad, has_anchor, has_wd, has_g, small);
+ * F_SMALL: Adam's lerp weight 1 − β1 is below 0.5 (PyTorch's lerp takes one form or the other). */
+MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t count,
+                                         double out[3], int base, int flags) {
+#define SWEEP_CASE(BASE, FLAGS)                                                                      \
+    if (base == (BASE) && flags == (FLAGS)) {                                                         \
+        NAME(sweep)(k, o, count, out, BASE, !!((FLAGS) & F_FTP), !!((FLAGS) & F_AMSGRAD),            \
+                    !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD), !!((FLAGS) & F_G), !!((FLAGS) & F_SMALL), \
+                    !!((FLAGS) & F_MOMENTUM), !!((FLAGS) & F_NESTEROV));                              \
+        return;                                                                                       \
+    }
+    SWEEP_CASE(ADAM, F_FTP | F_ANCHOR | F_G | F_SMALL)                    /* AdamFTP */
+    SWEEP_CASE(ADAM, F_FTP | F_ANCHOR | F_WD | F_G | F_SMALL)             /* AdamFTP, AdamW's decay */
+    SWEEP_CASE(ADAM, F_ANCHOR | F_G | F_SMALL)                            /* AdamSPD */
+    SWEEP_CASE(SGD, F_FTP | F_ANCHOR | F_G | F_MOMENTUM)                  /* SGDFTP */
+    SWEEP_CASE(SGD, F_FTP | F_G | F_MOMENTUM)                             /* SGDFTP, a zero anchor */
+    SWEEP_CASE(NONE, F_FTP | F_ANCHOR | F_G)                              /* the FTP wrapper */
+    SWEEP_CASE(NONE, F_ANCHOR | F_G)                                      /* the SPD wrapper, before */
+    SWEEP_CASE(NONE, F_ANCHOR)                                            /* the SPD wrapper, after */
+#undef SWEEP_CASE
+    NAME(sweep)(k, o, count, out, base, !!(flags & F_FTP), !!(flags & F_AMSGRAD), !!(flags & F_ANCHOR),
+                !!(flags & F_WD), !!(flags & F_G), !!(flags & F_SMALL), !!(flags & F_MOMENTUM),
+                !!(flags & F_NESTEROV));
 }
 
-/* The FTP sweeps (adam_ftp_displace, ftp_displace) over rows x cols, rows shared among threads:
- * dots_r = s_r · Σ_j (c_prev ⊙ g)_rj and n_r = Σ_j |c_rj|. */
+/* The flags of a sweep over the arrays in `k`. */
+static int NAME(sweep_flags)(const NAME(sweep_args) *k, int base, int ftp, int nesterov) {
+    return (ftp ? F_FTP : 0) | (k->vm ? F_AMSGRAD : 0) | (k->a ? F_ANCHOR : 0) |
+           (k->lrwd != 0 || k->wd != 0 ? F_WD : 0) | (k->g ? F_G : 0) |
+           (base == ADAM && k->w1 < (T)0.5 ? F_SMALL : 0) |
+           (k->b ? F_MOMENTUM : 0) | (nesterov ? F_NESTEROV : 0);
+}
+
+/* The FTP sweeps (adam_ftp_displace, sgd_ftp_displace, ftp_displace) over rows x cols, rows
+ * shared among threads: dots_r = s_r · Σ_j (c_prev ⊙ g)_rj and n_r = Σ_j |c_rj|. */
 static void NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *dots, Py_ssize_t rows,
-                           Py_ssize_t cols, int adam, int amsgrad, int has_wd, int threads) {
+                           Py_ssize_t cols, int base, int nesterov, int threads) {
     const int parallel = threads > 1 && rows > 1 && rows * cols >= PARALLEL_MIN;
-    const int has_anchor = k->a != NULL;
+    const int flags = NAME(sweep_flags)(k, base, 1, nesterov);
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
     for (Py_ssize_t r = 0; r < rows; r++) {
         double out[3];
-        NAME(sweep_any)(k, r * cols, cols, out, adam, 1, amsgrad, has_anchor, has_wd, 1);
+        NAME(sweep_any)(k, r * cols, cols, out, base, flags);
         dots[r] = (double)(s[r] * (T)out[0]);
         n[r] = (T)out[1];
     }
@@ -640,16 +609,14 @@ static void NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *
 
 /* The SPD sweeps (adam_spd_step, spd_sums) over `count` values in spans of SPAN, shared among
  * threads; the spans' sums are added up in order into sums[0..2]. Returns -1 without memory. */
-static int NAME(spd_spans)(const NAME(sweep_args) *k, Py_ssize_t count, double sums[3], int adam, int amsgrad,
-                           int threads) {
+static int NAME(spd_spans)(const NAME(sweep_args) *k, Py_ssize_t count, double sums[3], int base, int threads) {
     const Py_ssize_t spans = (count + SPAN - 1) / SPAN;
-    const int has_anchor = k->a != NULL, has_g = k->g != NULL;
+    const int flags = NAME(sweep_flags)(k, base, 0, 0);
     double *parts = malloc((spans > 0 ? spans : 1) * 3 * sizeof(double));
     if (!parts) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && count >= PARALLEL_MIN)
     for (Py_ssize_t q = 0; q < spans; q++)
-        NAME(sweep_any)(k, q * SPAN, q + 1 < spans ? SPAN : count - q * SPAN, parts + 3 * q, adam, 0, amsgrad,
-                        has_anchor, 0, has_g);
+        NAME(sweep_any)(k, q * SPAN, q + 1 < spans ? SPAN : count - q * SPAN, parts + 3 * q, base, flags);
     sums[0] = sums[1] = sums[2] = 0;
     for (Py_ssize_t q = 0; q < spans; q++)
         for (int i = 0; i < 3; i++) sums[i] += parts[3 * q + i];

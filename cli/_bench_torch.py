@@ -122,13 +122,14 @@ def make_params(shapes, grads, device):
 
 
 def state_bytes(opt):
-    """The bytes of every tensor in ``opt.state`` (step counts included)."""
+    """The bytes of every tensor in ``opt.state`` (step counts included), a wrapper's and its base's."""
     total = 0
     for state in opt.state.values():
         for v in state.values():
             if torch.is_tensor(v):
                 total += v.numel() * v.element_size()
-    return total
+    base = getattr(opt, "optimizer", None)
+    return total + (state_bytes(base) if isinstance(base, torch.optim.Optimizer) else 0)
 
 
 def sync(device):

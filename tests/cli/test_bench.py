@@ -87,10 +87,17 @@ def test_a_real_quick_torch_run(tmp_path):
     result = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [r["optimizer"] for r in rows] == ["AdamSPD", "AdamFTP", "SGDFTP"]
+    assert [r["optimizer"] for r in rows] == [
+        "torch AdamW(foreach)", "AdamSPD", "AdamFTP", "FTP(AdamW(fused))", "SPD(Adam(fused))",
+        "torch SGD(momentum=0.9, foreach)", "SGDFTP",
+    ]  # fmt: skip
+    assert {r["baseline"] for r in rows} == {"torch AdamW(fused)", "torch SGD(momentum=0.9, fused)"}
+    floors = {r["optimizer"]: r["floor"] for r in rows}
+    assert floors["AdamSPD"] == pytest.approx(11 / 7) and floors["SGDFTP"] == pytest.approx(2.0)
     for r in rows:  # speeds are never asserted: only that they were measured
         assert r["backend"] == "torch" and r["device"] == "cpu"
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["ratio"] > 0
+        assert (r["foreach_ratio"] is None) == ("foreach" in r["optimizer"])
         assert r["state_bytes_per_param"] > 0 and r["baseline_state_bytes_per_param"] > 0
     from tether._bench_torch import kernels_state
 
