@@ -217,16 +217,18 @@ static PyObject *ftp_sweep(int base, int dtype, sweep_in in, unsigned long long 
                            int threads) {
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
     double *dots = (double *)dots_address, grad = 0;
+    int failed;
     Py_BEGIN_ALLOW_THREADS;
     if (dtype == 0) {
         SWEEP_ARGS(float, f32, in);
-        ftp_rows_f32(&k, (const float *)s, (float *)n, dots, rows, cols, base, nesterov, threads);
+        failed = ftp_rows_f32(&k, (const float *)s, (float *)n, dots, rows, cols, base, nesterov, threads);
     } else {
         SWEEP_ARGS(double, f64, in);
-        ftp_rows_f64(&k, (const double *)s, (double *)n, dots, rows, cols, base, nesterov, threads);
+        failed = ftp_rows_f64(&k, (const double *)s, (double *)n, dots, rows, cols, base, nesterov, threads);
     }
     for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
     Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
     return PyFloat_FromDouble(grad);
 }
 
@@ -374,7 +376,7 @@ PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
 #else /* T: the kernels for one dtype, included twice by the first part of this file */
 
 /* ftp_project for one tensor: p_r = a_r + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r. */
-static void NAME(project)(T *p, const T *a, const T *c, const T *n, T *s, double radius_, Py_ssize_t rows,
+MULTIVERSION static void NAME(project)(T *p, const T *a, const T *c, const T *n, T *s, double radius_, Py_ssize_t rows,
                           Py_ssize_t cols, int threads) {
     const T radius = (T)radius_;
     const int stream = rows * cols * (Py_ssize_t)sizeof(T) >= STREAM_BYTES;
@@ -541,16 +543,6 @@ static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_a
     double s0 = 0, s1 = 0, s2 = 0;
     for (Py_ssize_t j = 0; j < count; j += CHUNK) {
         const Py_ssize_t end = count - j > CHUNK ? j + CHUNK : count;
-        /* each stream's lines AHEAD values on, a chunk's worth at a time (a prefetch inside the
-         * simd loop would keep it from vectorizing) */
-        for (Py_ssize_t q = j + AHEAD; q < end + AHEAD && q < count; q += LINE) {
-            __builtin_prefetch(p + q, 1);
-            if (has_g) __builtin_prefetch(g + q);
-            if (has_anchor) __builtin_prefetch(a + q);
-            if (ftp) __builtin_prefetch(c + q, 1);
-            if (base == ADAM) __builtin_prefetch(m + q, 1), __builtin_prefetch(v + q, 1);
-            if (has_momentum) __builtin_prefetch(b + q, 1);
-        }
         T t0 = 0, t1 = 0, t2 = 0;
 #pragma omp simd reduction(+ : t0, t1, t2)
         for (Py_ssize_t i = j; i < end; i++) SWEEP_ONE(i, t0, t1, t2);
@@ -559,15 +551,19 @@ static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_a
     out[0] = s0, out[1] = s1, out[2] = s2;
 }
 
-/* `sweep` with every flag a constant: the common cases as their own loops, the rest general.
+/* `sweep` over `rows` rows of `cols` values from offset `o`, each row's sums into out[3 r ..],
+ * with every flag a constant: the common cases as their own loops, the rest general. One call
+ * takes a block of rows, so that the call (through the CPU's clone) is not paid per row.
  * F_SMALL: Adam's lerp weight 1 − β1 is below 0.5 (PyTorch's lerp takes one form or the other). */
-MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t count,
-                                         double out[3], int base, int flags) {
+MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t rows,
+                                         Py_ssize_t cols, double *out, int base, int flags) {
 #define SWEEP_CASE(BASE, FLAGS)                                                                      \
     if (base == (BASE) && flags == (FLAGS)) {                                                         \
-        NAME(sweep)(k, o, count, out, BASE, !!((FLAGS) & F_FTP), !!((FLAGS) & F_AMSGRAD),            \
-                    !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD), !!((FLAGS) & F_G), !!((FLAGS) & F_SMALL), \
-                    !!((FLAGS) & F_MOMENTUM), !!((FLAGS) & F_NESTEROV));                              \
+        for (Py_ssize_t r = 0; r < rows; r++)                                                         \
+            NAME(sweep)(k, o + r * cols, cols, out + 3 * r, BASE, !!((FLAGS) & F_FTP),               \
+                        !!((FLAGS) & F_AMSGRAD), !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD),         \
+                        !!((FLAGS) & F_G), !!((FLAGS) & F_SMALL), !!((FLAGS) & F_MOMENTUM),          \
+                        !!((FLAGS) & F_NESTEROV));                                                    \
         return;                                                                                       \
     }
     SWEEP_CASE(ADAM, F_FTP | F_ANCHOR | F_G | F_SMALL)                    /* AdamFTP */
@@ -579,32 +575,39 @@ MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o
     SWEEP_CASE(NONE, F_ANCHOR | F_G)                                      /* the SPD wrapper, before */
     SWEEP_CASE(NONE, F_ANCHOR)                                            /* the SPD wrapper, after */
 #undef SWEEP_CASE
-    NAME(sweep)(k, o, count, out, base, !!(flags & F_FTP), !!(flags & F_AMSGRAD), !!(flags & F_ANCHOR),
-                !!(flags & F_WD), !!(flags & F_G), !!(flags & F_SMALL), !!(flags & F_MOMENTUM),
-                !!(flags & F_NESTEROV));
+    for (Py_ssize_t r = 0; r < rows; r++)
+        NAME(sweep)(k, o + r * cols, cols, out + 3 * r, base, !!(flags & F_FTP), !!(flags & F_AMSGRAD),
+                    !!(flags & F_ANCHOR), !!(flags & F_WD), !!(flags & F_G), !!(flags & F_SMALL),
+                    !!(flags & F_MOMENTUM), !!(flags & F_NESTEROV));
 }
 
 /* The flags of a sweep over the arrays in `k`. */
 static int NAME(sweep_flags)(const NAME(sweep_args) *k, int base, int ftp, int nesterov) {
     return (ftp ? F_FTP : 0) | (k->vm ? F_AMSGRAD : 0) | (k->a ? F_ANCHOR : 0) |
            (k->lrwd != 0 || k->wd != 0 ? F_WD : 0) | (k->g ? F_G : 0) |
-           (base == ADAM && k->w1 < (T)0.5 ? F_SMALL : 0) |
-           (k->b ? F_MOMENTUM : 0) | (nesterov ? F_NESTEROV : 0);
+           (base == ADAM && k->w1 < (T)0.5 ? F_SMALL : 0) | (k->b ? F_MOMENTUM : 0) | (nesterov ? F_NESTEROV : 0);
 }
 
-/* The FTP sweeps (adam_ftp_displace, sgd_ftp_displace, ftp_displace) over rows x cols, rows
- * shared among threads: dots_r = s_r · Σ_j (c_prev ⊙ g)_rj and n_r = Σ_j |c_rj|. */
-static void NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *dots, Py_ssize_t rows,
-                           Py_ssize_t cols, int base, int nesterov, int threads) {
+/* The FTP sweeps (adam_ftp_displace, sgd_ftp_displace, ftp_displace) over rows x cols, blocks
+ * of rows shared among threads: dots_r = s_r · Σ_j (c_prev ⊙ g)_rj and n_r = Σ_j |c_rj|.
+ * Returns -1 without memory. */
+static int NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *dots, Py_ssize_t rows,
+                          Py_ssize_t cols, int base, int nesterov, int threads) {
     const int parallel = threads > 1 && rows > 1 && rows * cols >= PARALLEL_MIN;
     const int flags = NAME(sweep_flags)(k, base, 1, nesterov);
+    /* rows per block: about SPAN values, at least one row */
+    const Py_ssize_t block = cols >= SPAN ? 1 : SPAN / (cols > 0 ? cols : 1);
+    double *out = malloc(3 * rows * sizeof(double));
+    if (!out) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+    for (Py_ssize_t r = 0; r < rows; r += block)
+        NAME(sweep_any)(k, r * cols, rows - r < block ? rows - r : block, cols, out + 3 * r, base, flags);
     for (Py_ssize_t r = 0; r < rows; r++) {
-        double out[3];
-        NAME(sweep_any)(k, r * cols, cols, out, base, flags);
-        dots[r] = (double)(s[r] * (T)out[0]);
-        n[r] = (T)out[1];
+        dots[r] = (double)(s[r] * (T)out[3 * r]);
+        n[r] = (T)out[3 * r + 1];
     }
+    free(out);
+    return 0;
 }
 
 /* The SPD sweeps (adam_spd_step, spd_sums) over `count` values in spans of SPAN, shared among
@@ -616,7 +619,7 @@ static int NAME(spd_spans)(const NAME(sweep_args) *k, Py_ssize_t count, double s
     if (!parts) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && count >= PARALLEL_MIN)
     for (Py_ssize_t q = 0; q < spans; q++)
-        NAME(sweep_any)(k, q * SPAN, q + 1 < spans ? SPAN : count - q * SPAN, parts + 3 * q, base, flags);
+        NAME(sweep_any)(k, q * SPAN, 1, q + 1 < spans ? SPAN : count - q * SPAN, parts + 3 * q, base, flags);
     sums[0] = sums[1] = sums[2] = 0;
     for (Py_ssize_t q = 0; q < spans; q++)
         for (int i = 0; i < 3; i++) sums[i] += parts[3 * q + i];
