@@ -466,7 +466,7 @@ def ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, stat
     if _triton_ops.takes(params, anchors, displacements, norm_list, inv_norms):
         _triton_ops.project_(params, anchors, displacements, norm_list, radii, inv_norms)
         return
-    if kernels_take(params, anchors, displacements, norm_list, [s["prev_inv_norm"] for s in states]):
+    if kernels_take(params, anchors, displacements, norm_list, inv_norms):
         _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states)
         return
     for param, anchor, c, n, radius, state in zip(
@@ -683,8 +683,6 @@ def sgd_ftp_step_(
             )
             return
     if scratch is not None and anchors is not None:
-        displacements = [s["prev_displacement"] for s in ftp_states]
-        inv_norms = [s["prev_inv_norm"] for s in ftp_states]
         if kernels_take(params, grads, buffers, anchors, displacements, inv_norms):
             _sgd_ftp_kernels_(params, grads, buffers, anchors, ftp_states, t, **hyper, k=k, shards=shards)
             return
@@ -694,8 +692,7 @@ def sgd_ftp_step_(
         )
         return
     if anchors is not None:
-        displacements = [s["prev_displacement"] for s in ftp_states]
-        radius_grads = radius_gradients_(grads, displacements, [s["prev_inv_norm"] for s in ftp_states])
+        radius_grads = radius_gradients_(grads, displacements, inv_norms)
     updates = sgd_updates(
         params,
         grads,
@@ -1004,6 +1001,14 @@ def kernels_take(*tensor_lists):
     )
 
 
+def _ftp_sweep_outputs(inv_norms):
+    """What an FTP sweep in C writes besides the tensors: the row sums ``MARS(c)`` (one per tensor,
+    shaped as its ``prev_inv_norm``) and a float64 scratch row of the row dots. Allocated before the
+    sweeps: once a tensor is updated, nothing can fail."""
+    row_sums = [torch.empty_like(s) for s in inv_norms]
+    return row_sums, torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+
+
 def _rows_cols(x):
     """``x`` as the C kernels see it: ``(rows, cols)``, MARS reducing each row (a vector is one row)."""
     rows = x.shape[0] if x.ndim >= 2 else 1
@@ -1052,9 +1057,7 @@ def _sgd_ftp_kernels_(
     lr = float(lr)  # a 0-d tensor (Keras) is on the CPU here: reading it syncs nothing
     displacements = [state["prev_displacement"] for state in ftp_states]
     inv_norms = [state["prev_inv_norm"] for state in ftp_states]
-    # everything the loop needs is allocated first: once a tensor is updated, nothing can fail
-    row_sums = [torch.empty_like(s) for s in inv_norms]
-    dots = torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+    row_sums, dots = _ftp_sweep_outputs(inv_norms)
     radius_grads = []
     for p, g, b, a, c, s, n, first in zip(
         params, grads, buffers, anchors, displacements, inv_norms, row_sums, (t == 1).tolist(), strict=True
@@ -1097,9 +1100,7 @@ def _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam):
     threads = torch.get_num_threads()
     displacements = [state["prev_displacement"] for state in ftp_states]
     inv_norms = [state["prev_inv_norm"] for state in ftp_states]
-    # everything the loop needs is allocated first: once a tensor is updated, nothing can fail
-    row_sums = [torch.empty_like(s) for s in inv_norms]
-    dots = torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+    row_sums, dots = _ftp_sweep_outputs(inv_norms)
     radius_grads = []
     for p, g, m, v, v_max, a, c, s, n, scale_i, offset_i in zip(
         params, grads, *moments, anchors, displacements, inv_norms, row_sums, scale.tolist(), offset.tolist(),
@@ -1138,8 +1139,7 @@ def _ftp_displace_kernels(params, grads, anchors, displacements, inv_norms):
     """`ftp_after_step_`'s sweep in C, one per tensor (``∇γ``, ``c``, ``MARS(c)``); returns ``(∇γ, MARS(c))``."""
     code = _KERNEL_DTYPES[params[0].dtype]
     threads = torch.get_num_threads()
-    row_sums = [torch.empty_like(s) for s in inv_norms]
-    dots = torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+    row_sums, dots = _ftp_sweep_outputs(inv_norms)
     radius_grads = []
     for p, g, a, c, s, n in zip(params, grads, anchors, displacements, inv_norms, row_sums, strict=True):
         rows, cols = _rows_cols(p)

@@ -103,25 +103,20 @@ def assert_same_run(a, b, dtype):
             torch.testing.assert_close(value, opt_b.state[q][key], **TOLERANCE[dtype], msg=key)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("anchor", ["init", "zero"])
-@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: ",".join(o))
-def test_sgd_ftp_equals_single_pass(options, anchor, dtype):
-    assert_kernels_match(SGDFTP, options, anchor, dtype)
+FUSED = [
+    *[(SGDFTP, options) for options in SGD_OPTIONS],
+    *[(AdamFTP, options) for options in ADAM_OPTIONS],
+    *[(AdamSPD, options) for options in SPD_OPTIONS],
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("anchor", ["init", "zero"])
-@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=lambda o: ",".join(o))
-def test_adam_ftp_equals_single_pass(options, anchor, dtype):
-    assert_kernels_match(AdamFTP, options, anchor, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("anchor", ["init", "zero"])
-@pytest.mark.parametrize("options", SPD_OPTIONS, ids=lambda o: ",".join(o))
-def test_adam_spd_equals_single_pass(options, anchor, dtype):
-    assert_kernels_match(AdamSPD, options, anchor, dtype)
+@pytest.mark.parametrize(
+    "cls, options", FUSED, ids=[f"{cls.__name__}:{','.join(options)}" for cls, options in FUSED]
+)
+def test_fused_classes_equal_single_pass(cls, options, anchor, dtype):
+    assert_kernels_match(cls, options, anchor, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
