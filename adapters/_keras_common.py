@@ -3,6 +3,7 @@ variables' paths and row axes, and the backend contexts an update runs in."""
 
 import contextlib
 import numbers
+import threading
 
 import keras
 from keras import ops
@@ -17,6 +18,50 @@ def _no_grad():
 
         return torch.no_grad()
     return contextlib.nullcontext()
+
+
+_float64_lock = threading.Lock()
+_float64_depth = 0  # open `_float64_kept` contexts (nested, or on other threads)
+_float64_saved = None  # Keras's own entry, put back when the last one closes
+
+
+@contextlib.contextmanager
+def _float64_kept():
+    """Keras's ops keep float64 inside (Keras 3.15 computes a float64 ``Dense`` in float32 on torch).
+
+    Keras 3.15's ``result_type`` maps float64 to float32 on every backend but TensorFlow
+    (keras-team/keras#23704, open), and the ops cast to it: on torch ``matmul`` and ``add``
+    (hence ``Dense``), on JAX ``mean`` (hence ``MeanSquaredError``). A float64 model's loss
+    is then float32-accurate. While the context is open the table ``result_type`` reads maps
+    float64 to itself, as on TensorFlow; on JAX only with ``jax_enable_x64`` (else there is
+    no float64), and there it must be open while a function is traced.
+    """
+    global _float64_depth, _float64_saved
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            yield
+            return
+    from keras.src.backend.common import dtypes  # the table `result_type` reads on every call
+
+    table = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
+    if not isinstance(table, dict) or "float64" not in table:  # a Keras that no longer demotes
+        yield
+        return
+    with _float64_lock:
+        if _float64_depth == 0:
+            _float64_saved = table["float64"]
+            table["float64"] = "float64"
+        _float64_depth += 1
+    try:
+        yield
+    finally:
+        with _float64_lock:
+            _float64_depth -= 1
+            if _float64_depth == 0:
+                table["float64"] = _float64_saved
 
 
 def _check(name, value, low, high, *, high_open=False):

@@ -19,6 +19,7 @@ from tether import core
 from ._keras_common import (
     _check,
     _check_row_axis,
+    _float64_kept,
     _is_empty,
     _is_real_floating,
     _listing,
@@ -334,9 +335,12 @@ class TPGM:
                 ratio = core.projection_ratio(constraints[i], norms[i], xp=_xp)
                 projected = core.tpgm_projected(anchors[i], displacements[i], ratio, xp=_xp)
                 values[j] = ops.cast(projected, variables[j].dtype)
-            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+            with (
+                _float64_kept(),
+                keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))),
+            ):
                 y_pred = model(x, training=False)
-            return _mean_loss(loss_fn, y, y_pred, sample_weight)
+                return _mean_loss(loss_fn, y, y_pred, sample_weight)
 
         if keras.backend.backend() != "jax":
             return objective

@@ -1297,14 +1297,12 @@ class L2SP(_Wrapper):
 
 
 def _l2_sp_gradient(grad, param, anchor, alpha):
-    """``core.l2_sp_gradient``, ``g + α(θ − θ₀)``; 16-bit tensors in float32 (ATen's 16-bit ``add``
-    with ``alpha`` rounds differently in its vector and scalar loops, so its bits would follow
-    how the threads split the tensor)."""
+    """``core.l2_sp_gradient``, ``g + α(θ − θ₀)``; 16-bit tensors in float32 (ATen's 16-bit
+    arithmetic rounds differently in its vector and scalar loops, so its bits would follow how
+    the threads split the tensor)."""
     wide = ops.statistics_dtype(grad.dtype)
-    if grad.dtype == wide:
-        return torch.add(grad, param if anchor is None else param - anchor, alpha=alpha)
-    displacement = param.to(wide) if anchor is None else param.to(wide) - anchor.to(wide)
-    return core.l2_sp_gradient(grad.to(wide), displacement, None, alpha, xp=ops.xp).to(grad.dtype)
+    anchor = None if anchor is None else anchor.to(wide)
+    return core.l2_sp_gradient(grad.to(wide), param.to(wide), anchor, alpha, xp=ops.xp).to(grad.dtype)
 
 
 class MARSSP(_Wrapper):

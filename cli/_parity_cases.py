@@ -26,6 +26,8 @@ class Case:
     should build it as a wrapper around its own base optimizer instead (AdamW or
     SGD for FTP, Adam without weight decay for SPD). `anchor` is `"init"` or
     `"zero"`; the tensors named in `unanchored` take the plain base step.
+    `epsilon_hat`: the base is Keras's Adam, whose ε is added before the second
+    moment's bias correction (PyTorch and optax add it after): a Keras-only case.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Case:
     anchor: str = "init"
     unanchored: tuple = ()
     wrapper: str | None = None
+    epsilon_hat: bool = False
 
     def anchors(self, names):
         """Anchor mode by tensor name, as the reference takes it."""
@@ -69,6 +72,21 @@ CASES = (
         {"lr": 0.05, "weight_decay": 1.0},
         wrapper="spd",
         unanchored=("head.weight",),
+    ),
+    Case(
+        "ftp(adamw, eps hat) wrapper",
+        "adam_ftp",
+        {"lr": 0.05, "weight_decay": 0.01},
+        wrapper="ftp",
+        epsilon_hat=True,
+    ),
+    Case(
+        "spd(adam, eps hat) wrapper",
+        "adam_spd",
+        {"lr": 0.05, "weight_decay": 1.0},
+        wrapper="spd",
+        unanchored=("head.weight",),
+        epsilon_hat=True,
     ),
     Case(
         "l2sp(sgd) wrapper",
@@ -246,24 +264,6 @@ PROBLEMS = {"closed-loop": ClosedLoop, "mlp": MLP, "same-model": SameModel}
 DTYPES = ("float64", "float32")
 #: Largest |backend − reference| allowed, by dtype (float32 trajectories drift by rounding).
 TOLERANCE = {"float64": 1e-10, "float32": 2e-4}
-#: Documented exceptions, (backend, problem, dtype) -> (tolerance, why). Each is printed with the report.
-_KERAS_MATMUL = (
-    "Keras 3.15's dtype promotion gives result_type(float64, float64) = float32, so keras.ops.matmul "
-    "computes a float64 network's matmuls in float32 on this backend (keras.optimizers.SGD's own first "
-    "step is 5e-8 from the exact gradient step; 7e-17 on TensorFlow). The optimizer is not involved: "
-    "the closed-loop rows, with no Keras forward pass, keep 1e-10"
-)
-LOOSER = {
-    ("keras/jax", "mlp", "float64"): (1e-6, _KERAS_MATMUL),
-    ("keras/torch", "mlp", "float64"): (1e-6, _KERAS_MATMUL),
-    ("keras/jax", "same-model", "float64"): (1e-6, _KERAS_MATMUL),
-    ("keras/torch", "same-model", "float64"): (1e-6, _KERAS_MATMUL),
-}
-
-
-def tolerance(backend, problem, dtype):
-    """The tolerance of one run: `TOLERANCE[dtype]` unless `LOOSER` names it."""
-    return LOOSER.get((backend, problem, dtype), (TOLERANCE[dtype], None))[0]
 
 
 def reference_trajectory(case, problem):
@@ -274,7 +274,9 @@ def reference_trajectory(case, problem):
     names = list(problem.theta0)
     if case.kind in MODEL_KINDS:
         return None if isinstance(problem, ClosedLoop) else _beside_finetuning(case, problem)
-    opt = ReferenceOptimizer(case.kind, problem.theta0, anchors=case.anchors(names), **case.hparams)
+    opt = ReferenceOptimizer(
+        case.kind, problem.theta0, anchors=case.anchors(names), epsilon_hat=case.epsilon_hat, **case.hparams
+    )
     trajectory = {n: [] for n in names}
     for t in range(problem.steps):
         for n, p in opt.step(problem.gradients(opt.params, t)).items():

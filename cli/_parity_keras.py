@@ -13,6 +13,7 @@ import numpy as np
 from keras import ops
 
 from tether.adapters import keras as tk
+from tether.adapters._keras_common import _float64_kept
 
 from ._parity_cases import MLP, MODEL_KINDS, SameModel, finetuning_steps, full_hparams
 from ._workers import devices
@@ -45,17 +46,37 @@ def build(case):
     return FUSED[case.kind](**h, anchor=case.anchor)
 
 
-def _wrapper(case, h):
-    """The wrapper around ``keras.optimizers.SGD``, whose momentum step is PyTorch's at a constant rate.
+def _exact(value):
+    """A hyperparameter as Keras's TensorFlow optimizers keep it exactly in float64.
 
-    Keras's ``m ← μm − lr·g; θ ← θ + m`` is PyTorch's ``b ← μb + g; θ ← θ − lr·b`` with
-    ``m = −lr·b`` (the first step included, as ``b₁ = g``). On TensorFlow the momentum is a
-    NumPy float64: Keras's TensorFlow SGD casts a Python float through float32 (0.9 becomes
-    0.8999999762); ``torch.compile`` would reject a NumPy scalar.
+    They cast a Python float through float32 (0.9 becomes 0.8999999762); a NumPy float64
+    keeps its value. Elsewhere a Python float (``torch.compile`` rejects a NumPy scalar).
     """
+    return np.float64(value) if keras.backend.backend() == "tensorflow" else value
+
+
+def _wrapper(case, h):
+    """The wrapper around Keras's own base optimizer, or `None` where it differs from the case's.
+
+    Around ``keras.optimizers.SGD``, whose momentum step is PyTorch's at a constant rate:
+    Keras's ``m ← μm − lr·g; θ ← θ + m`` is PyTorch's ``b ← μb + g; θ ← θ − lr·b`` with
+    ``m = −lr·b`` (the first step included, as ``b₁ = g``). Around ``keras.optimizers.Adam``
+    and ``AdamW`` only in the `Case.epsilon_hat` cases (Keras adds ε before the bias
+    correction); ``AdamW``'s decoupled decay ``θ ← θ − lr·wd·θ`` is Adam-FTP's term.
+    """
+    if case.wrapper in ("ftp", "spd") and case.kind != "sgd_ftp":
+        if not case.epsilon_hat:
+            return None
+        beta_1, beta_2 = (_exact(b) for b in h["betas"])
+        adam = dict(learning_rate=h["lr"], beta_1=beta_1, beta_2=beta_2, epsilon=_exact(h["eps"]))
+        adam["amsgrad"] = h["amsgrad"]
+        if case.wrapper == "spd":
+            return tk.SPD(keras.optimizers.Adam(**adam), weight_decay=h["weight_decay"], anchor=case.anchor)
+        inner = keras.optimizers.AdamW(weight_decay=_exact(h["weight_decay"]), **adam)
+        return tk.FTP(inner, k=h["k"], anchor=case.anchor)
     if case.wrapper not in SGD_WRAPPERS or h.get("dampening", 0) or h.get("weight_decay", 0):
         return None
-    momentum = np.float64(h["momentum"]) if keras.backend.backend() == "tensorflow" else h["momentum"]
+    momentum = _exact(h["momentum"])
     inner = keras.optimizers.SGD(learning_rate=h["lr"], momentum=momentum, nesterov=h["nesterov"])
     cls, own = SGD_WRAPPERS[case.wrapper]
     return cls(inner, anchor=case.anchor, **{own: h[own]})
@@ -97,7 +118,8 @@ def run(case, problem, dtype, device):
     # a device scope only where it changes something: under torch, keras.device("cpu:0") on a
     # CPU-only machine leaves train_on_batch with no gradients
     scope = contextlib.nullcontext() if device == _default_device() else keras.device(f"{device}:0")
-    with scope:
+    # Keras's own forward pass kept in float64 (it folds float64 to float32 on JAX and torch)
+    with scope, _float64_kept():
         if beside:
             return _beside_finetuning(case, problem, dtype)
         if isinstance(problem, SameModel):

@@ -85,6 +85,8 @@ def _record(trajectory, named):
 def run(case, problem, dtype, device):
     """The case's trajectory on `problem`: `{name: array (steps, *shape)}`."""
     dt = DTYPES[dtype]
+    if case.epsilon_hat:
+        return None  # Keras's Adam: torch.optim.Adam adds ε after the bias correction
     if case.kind in MODEL_KINDS:
         return _beside_finetuning(case, problem, dt, device)
     net, loss_fn = None, None

@@ -61,6 +61,7 @@ def adam_direction(
     amsgrad=False,
     weight_decay=0.0,
     param=None,
+    epsilon_hat=False,
     xp=None,
 ):
     """Adam's direction `d` and the new `AdamState` (ALGORITHMS.md §3, PyTorch's form).
@@ -69,6 +70,10 @@ def adam_direction(
         v  ← β₂ v + (1 − β₂) g²
         v* = max(v*, v) if amsgrad else v
         d  = (lr / (1 − β₁ᵗ)) · m / (√v* / √(1 − β₂ᵗ) + ε)  [+ lr · wd · θ]
+
+    With `epsilon_hat`, ε is the paper's ε̂, added before the bias correction, as
+    `keras.optimizers.Adam` (and TensorFlow's) has it:
+    `d = (lr · √(1 − β₂ᵗ) / (1 − β₁ᵗ)) · m / (√v* + ε)`.
 
     `step` is `t`, this tensor's step count including the current step (`t = 1`
     first). The bracketed decoupled-decay term is added when `weight_decay` is
@@ -91,7 +96,11 @@ def adam_direction(
         second = max_exp_avg_sq
     step_size = lr / (1 - beta1**t)
     bias_correction2_sqrt = xp.sqrt(1 - beta2**t)
-    denom = xp.sqrt(second) / bias_correction2_sqrt + eps
+    if epsilon_hat:
+        step_size = step_size * bias_correction2_sqrt
+        denom = xp.sqrt(second) + eps
+    else:
+        denom = xp.sqrt(second) / bias_correction2_sqrt + eps
     direction = xp.astype(step_size * (exp_avg / denom), grad.dtype, copy=False)
     if _nonzero(weight_decay):
         if param is None:

@@ -47,15 +47,18 @@ class ReferenceOptimizer:
     missing names take `"init"`. :meth:`step` takes the gradients by name and
     returns the new parameters; a name missing from the gradients is skipped
     (its state and step count are untouched), as every adapter does.
+    `epsilon_hat` gives the Adam kinds Keras's ε (`adam_direction`), for the Keras
+    wrappers around `keras.optimizers.Adam`.
     """
 
-    def __init__(self, kind, params, *, anchors=None, **hparams):
+    def __init__(self, kind, params, *, anchors=None, epsilon_hat=False, **hparams):
         if kind not in DEFAULTS:
             raise ValueError(f"unknown optimizer {kind!r}; expected one of {sorted(DEFAULTS)}")
         unknown = set(hparams) - set(DEFAULTS[kind])
         if unknown:
             raise TypeError(f"{kind}: unknown hyperparameters {sorted(unknown)}")
         self.kind = kind
+        self.epsilon_hat = bool(epsilon_hat)
         self.hparams = {**DEFAULTS[kind], **hparams}
         anchors = anchors or {}
         self.params = {n: np.array(p, copy=True) for n, p in params.items()}
@@ -99,6 +102,7 @@ class ReferenceOptimizer:
             amsgrad=h["amsgrad"],
             weight_decay=decay,
             param=param,
+            epsilon_hat=self.epsilon_hat,
         )
 
     def step(self, grads):

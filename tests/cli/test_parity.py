@@ -106,10 +106,14 @@ def test_a_real_run_passes(backend, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 64  # 16 cases × 2 dtypes × 2 problem scopes on the CPU
+    assert len(rows) == 72  # 18 cases × 2 dtypes × 2 problem scopes on the CPU
     assert {r["problem"] for r in rows} == {"arrays", "same model"}
-    assert all(r["verdict"] == "pass" for r in rows)
-    assert max(r["max_abs_deviation"] for r in rows if r["dtype"] == "float64") < 1e-12
+    # Keras's Adam (ε before the bias correction) has no PyTorch or optax form
+    keras_only = {r["optimizer"] for r in rows if r["verdict"] == "n/a"}
+    assert keras_only == {"ftp(adamw, eps hat) wrapper", "spd(adam, eps hat) wrapper"}
+    assert all(r["verdict"] == "pass" for r in rows if r["optimizer"] not in keras_only)
+    float64 = [r["max_abs_deviation"] for r in rows if r["dtype"] == "float64" and r["verdict"] == "pass"]
+    assert max(float64) < 1e-12
 
 
 def test_gpu_parity_without_a_gpu_says_so_and_passes():

@@ -109,6 +109,23 @@ def test_adam_first_step_is_lr_times_the_sign(backend):
     assert new.max_exp_avg_sq is None
 
 
+def test_adam_epsilon_hat_is_added_before_the_bias_correction(backend):
+    """Keras's ε̂ is PyTorch's ε scaled by √(1 − β₂ᵗ): the same direction, at any step."""
+    g1, g2 = np.array([0.5, -2.0, 1e-3]), np.array([0.2, 1.0, -1e-3])
+    beta2, eps = 0.999, 1e-2
+    state = core.adam_init(g1)
+    _, state = core.adam_direction(g1, state, 1, lr=0.1, eps=eps, epsilon_hat=True)
+    hat, _ = backend.call(
+        lambda g, s: core.adam_direction(g, s, 2, lr=0.1, eps=eps, epsilon_hat=True), g2, state
+    )
+    m = 0.9 * state.exp_avg + 0.1 * g2
+    v = beta2 * state.exp_avg_sq + (1 - beta2) * g2 * g2
+    backend.close(hat, 0.1 * np.sqrt(1 - beta2**2) / (1 - 0.9**2) * m / (np.sqrt(v) + eps))
+    scaled = eps / math.sqrt(1 - beta2**2)
+    plain, _ = backend.call(lambda g, s: core.adam_direction(g, s, 2, lr=0.1, eps=scaled), g2, state)
+    backend.close(hat, plain)
+
+
 def test_adam_decoupled_decay_term(backend):
     theta = np.array([2.0, -4.0])
     g = np.array([1.0, 1.0])

@@ -139,7 +139,17 @@ def test_inside_multi_transform_with_frozen_leaves(problem):
         np.testing.assert_allclose(got[n], expected[n], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("factory", [lambda: tj.adam_ftp(1e-2, amsgrad=True), lambda: tj.adam_spd(1e-2, 0.9)])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: tj.adam_ftp(1e-2, amsgrad=True),
+        lambda: tj.adam_spd(1e-2, 0.9),
+        lambda: tj.sgd_ftp(1e-2, momentum=0.9, nesterov=True),
+        lambda: tj.ftp(optax.adamw(1e-2, weight_decay=1e-2), k=0.5),
+        lambda: tj.spd(optax.adam(1e-2), weight_decay=0.9),
+    ],
+    ids=["adam_ftp", "adam_spd", "sgd_ftp", "ftp(adamw)", "spd(adam)"],
+)
 def test_checkpoint_round_trip_resumes_bit_for_bit(factory, problem):
     tx = factory()
     update = jax.jit(tx.update)
