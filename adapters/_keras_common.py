@@ -34,7 +34,8 @@ def _float64_kept():
     (hence ``Dense``), on JAX ``mean`` (hence ``MeanSquaredError``). A float64 model's loss
     is then float32-accurate. While the context is open the table ``result_type`` reads maps
     float64 to itself, as on TensorFlow; on JAX only with ``jax_enable_x64`` (else there is
-    no float64), and there it must be open while a function is traced.
+    no float64), and there it must be open while a function is traced. The table is
+    process-wide: Keras ops on other threads keep float64 too while a context is open.
     """
     global _float64_depth, _float64_saved
     backend = keras.backend.backend()
@@ -44,8 +45,10 @@ def _float64_kept():
         if not jax.config.jax_enable_x64:
             yield
             return
-    from keras.src.backend.common import dtypes  # the table `result_type` reads on every call
-
+    try:
+        from keras.src.backend.common import dtypes  # the table `result_type` reads on every call
+    except ImportError:  # a Keras laid out otherwise
+        dtypes = None
     table = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
     if not isinstance(table, dict) or "float64" not in table:  # a Keras that no longer demotes
         yield

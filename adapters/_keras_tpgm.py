@@ -1,8 +1,10 @@
 r"""TPGM and WiSE-FT for Keras 3 (``ALGORITHMS.md`` §7, §8), re-exported by `tether.adapters.keras`.
 
-TPGM learns its constraints with the backend's own autodiff on ``model.stateless_call``:
-``tf.GradientTape`` on TensorFlow, ``jax.value_and_grad`` (compiled with ``jax.jit``) on JAX,
-``torch.autograd`` on torch. The math is `tether.core`'s, through the ``keras.ops`` namespace.
+TPGM learns its constraints with the backend's own autodiff on the model called statelessly
+(in a ``keras.StatelessScope``, as ``model.stateless_call`` does, but through ``model(x,
+training=False)``): ``tf.GradientTape`` on TensorFlow, ``jax.value_and_grad`` (compiled with
+``jax.jit``) on JAX, ``torch.autograd`` on torch. The math is `tether.core`'s, through the
+``keras.ops`` namespace.
 """
 
 import math

@@ -236,55 +236,57 @@ def _sweep(p, g, *, a, c=None, m=None, v=None, vm=None, b=None, scale=None, offs
     return sums.sum(1) if ftp else sums.sum((0, 1))
 
 
-def _ftp_sums(p, sums, s):
-    """``(∇γ piece, MARS(c))`` of one tensor from its sweep's row sums."""
-    row_sums = sums[:, 1].to(s.dtype).reshape(s.shape)
-    return (sums[:, 0].to(s.dtype) * s.reshape(-1)).sum(), row_sums
+def _ftp_results(swept):
+    """``(∇γ, MARS(c))`` of the tensors from ``(sums, state)`` pairs: ``∇γ`` stacked, ``MARS(c)`` a list.
+
+    A tensor's ``∇γ`` is ``Σ_r s_r · Σ_j (c_prev ⊙ g)_rj``; its row sums of ``|c|`` are ``MARS(c)``.
+    """
+    radius_grads, row_sums = [], []
+    for sums, state in swept:
+        s = state["prev_inv_norm"]
+        radius_grads.append((sums[:, 0].to(s.dtype) * s.reshape(-1)).sum())
+        row_sums.append(sums[:, 1].to(s.dtype).reshape(s.shape))
+    return torch.stack(radius_grads), row_sums
 
 
 def adam_ftp_sweeps(
     params, grads, moments, anchors, states, scale, offset, value, *, beta1, beta2, amsgrad, lrwd
 ):
     """AdamFTP's sweep over each tensor: ``(∇γ, MARS(c))`` as `_torch_ops._adam_ftp_kernels_` returns them."""
-    radius_grads, row_sums = [], []
-    for i, (p, g, m, v, vm, a, state) in enumerate(
-        zip(params, grads, *moments, anchors, states, strict=True)
-    ):
-        sums = _sweep(
-            p, g, a=a, c=state["prev_displacement"], m=m, v=v, vm=vm if amsgrad else None,
-            scale=scale[i], offset=offset[i], adam=True, ftp=True, beta1=beta1, beta2=beta2, value=value, lrwd=lrwd,
-        )  # fmt: skip
-        gradient, row_sum = _ftp_sums(p, sums, state["prev_inv_norm"])
-        radius_grads.append(gradient)
-        row_sums.append(row_sum)
-    return torch.stack(radius_grads), row_sums
+    return _ftp_results(
+        (
+            _sweep(
+                p, g, a=a, c=state["prev_displacement"], m=m, v=v, vm=vm if amsgrad else None, scale=scale[i],
+                offset=offset[i], adam=True, ftp=True, beta1=beta1, beta2=beta2, value=value, lrwd=lrwd,
+            ),
+            state,
+        )
+        for i, (p, g, m, v, vm, a, state) in enumerate(zip(params, grads, *moments, anchors, states, strict=True))
+    )  # fmt: skip
 
 
 def sgd_ftp_sweeps(
     params, grads, buffers, anchors, states, coefficients, *, lr, momentum, weight_decay, nesterov
 ):
     """SGDFTP's sweep over each tensor; ``coefficients``: the momentum coefficient of ``u`` per tensor (device)."""
-    radius_grads, row_sums = [], []
-    for i, (p, g, b, a, state) in enumerate(zip(params, grads, buffers, anchors, states, strict=True)):
-        sums = _sweep(
-            p, g, a=a, c=state["prev_displacement"], b=b if momentum != 0 else None, coef=coefficients[i],
-            sgd=True, ftp=True, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-        )  # fmt: skip
-        gradient, row_sum = _ftp_sums(p, sums, state["prev_inv_norm"])
-        radius_grads.append(gradient)
-        row_sums.append(row_sum)
-    return torch.stack(radius_grads), row_sums
+    return _ftp_results(
+        (
+            _sweep(
+                p, g, a=a, c=state["prev_displacement"], b=b if momentum != 0 else None, coef=coefficients[i],
+                sgd=True, ftp=True, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+            ),
+            state,
+        )
+        for i, (p, g, b, a, state) in enumerate(zip(params, grads, buffers, anchors, states, strict=True))
+    )  # fmt: skip
 
 
 def ftp_wrapper_sweeps(params, grads, anchors, states):
     """The FTP wrapper's sweep after the wrapped step: ``∇γ``, ``c = θ̃ − θ₀``, ``MARS(c)``."""
-    radius_grads, row_sums = [], []
-    for p, g, a, state in zip(params, grads, anchors, states, strict=True):
-        sums = _sweep(p, g, a=a, c=state["prev_displacement"], ftp=True)
-        gradient, row_sum = _ftp_sums(p, sums, state["prev_inv_norm"])
-        radius_grads.append(gradient)
-        row_sums.append(row_sum)
-    return torch.stack(radius_grads), row_sums
+    return _ftp_results(
+        (_sweep(p, g, a=a, c=state["prev_displacement"], ftp=True), state)
+        for p, g, a, state in zip(params, grads, anchors, states, strict=True)
+    )
 
 
 def adam_spd_sweeps(params, grads, moments, anchors, scale, offset, value, *, beta1, beta2, amsgrad):
