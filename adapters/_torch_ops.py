@@ -565,7 +565,13 @@ def decay_toward_anchors_(params, anchors, strength):
     if kernels_take(params, anchors):
         _spd_decay_kernels_(params, anchors, strength)
         return
-    for p, anchor, s in zip(params, anchors, strength.unbind(0), strict=True):
+    # a tensor with λr = 0 keeps θ̃ (read on the host only where that costs no wait)
+    decays = [True] * len(params)
+    if strength.device.type == "cpu" and not torch.compiler.is_compiling():
+        decays = [s != 0 for s in strength.tolist()]
+    for p, anchor, s, decays_ in zip(params, anchors, strength.unbind(0), decays, strict=True):
+        if not decays_:
+            continue
         if p.dtype != statistics_dtype(p.dtype):
             decayed = _widened(p).mul_(1 - s)
             p.copy_(decayed if anchor is None else decayed.add_(_widened(anchor).mul_(s)))
@@ -1165,10 +1171,15 @@ def _spd_sums_kernels(params, anchors, grads):
 
 
 def _spd_decay_kernels_(params, anchors, strength):
-    """`decay_toward_anchors_` in C: ``θ ← θ·(1 − λr) + θ₀·λr``, one sweep per tensor."""
+    """`decay_toward_anchors_` in C: ``θ ← θ·(1 − λr) + θ₀·λr``, one sweep per tensor that decays.
+
+    A tensor with ``λr = 0`` (its gradient did not push it away, or its step moved it closer)
+    keeps ``θ̃`` as it is: no sweep.
+    """
     code = _KERNEL_DTYPES[params[0].dtype]
     threads = torch.get_num_threads()
     strength = strength.to(params[0].dtype)
     for p, a, keep, s in zip(params, anchors, (1 - strength).tolist(), strength.tolist(), strict=True):
-        _kernels.spd_decay(code, p.data_ptr(), _address(a), keep, s, p.numel(), threads)
+        if s != 0:
+            _kernels.spd_decay(code, p.data_ptr(), _address(a), keep, s, p.numel(), threads)
     torch.autograd.graph.increment_version(params)

@@ -188,9 +188,11 @@ if triton is not None:
     ):
         """AdamSPD (θ holds θ̃ − θ₀): θ ← θ₀ + keep · θ. The wrapper (θ holds θ̃): θ ← θ · keep + θ₀ · (1 − keep)."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < count
         acc = tl.float64 if p_ptr.dtype.element_ty == tl.float64 else tl.float32
         keep = tl.load(keep_ptr).to(acc)
+        mask = i < count
+        if WRAPPER:  # keep = 1 (no decay): θ̃ stays as it is, nothing read or written
+            mask = mask & (tl.zeros([BLOCK], dtype=acc) + keep != 1)
         x = tl.load(p_ptr + i, mask=mask, other=0.0).to(acc) * keep
         if ANCHOR:
             a = tl.load(a_ptr + i, mask=mask, other=0.0).to(acc)

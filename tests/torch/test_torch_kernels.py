@@ -177,7 +177,7 @@ TAKEN = [
     (AdamFTP, dict(lr=0.05), {"adam_ftp_displace": 1, "ftp_project": 1}),
     (AdamSPD, dict(lr=0.05, weight_decay=1.0), {"adam_spd_step": 1}),
     (ftp_adamw, dict(lr=0.05), {"ftp_displace": 1, "ftp_project": 1}),
-    (spd_adam, dict(lr=0.05, weight_decay=1.0), {"spd_sums": 2, "spd_decay": 1}),
+    (spd_adam, dict(lr=0.05, weight_decay=1.0), {"spd_sums": 2}),  # spd_decay: only where it decays
 ]
 
 
@@ -187,9 +187,35 @@ TAKEN = [
 def test_cpu_float_tensors_take_the_kernels(make, options, per_tensor, monkeypatch, kernels):
     calls = count_calls(monkeypatch, kernels)
     run(make, options, "init", torch.float32, steps=2)
-    assert {name: n for name, n in calls.items() if n} == {
+    assert {name: n for name, n in calls.items() if n and name != "spd_decay"} == {
         name: 2 * len(SHAPES) * n for name, n in per_tensor.items()
     }
+
+
+def test_the_spd_wrapper_sweeps_only_the_tensors_it_decays(monkeypatch, kernels):
+    """``λr = 0`` (no push away from the anchor, or a step that moved closer) leaves θ̃ unswept."""
+
+    def spd_run():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+        opt = spd_adam([{"params": params, "anchor": "init"}], lr=0.05, weight_decay=1.0)
+        decaying = []
+        for _ in range(6):
+            for p in params:  # independent gradients: some push away from the anchor, some do not
+                p.grad = torch.randn(p.shape)
+            opt.step()
+            decaying.append(
+                sum(bool(opt.state[p]["spd_decayed"] and opt.state[p]["spd_ratio"] > 0) for p in params)
+            )
+        return (params, opt), decaying
+
+    with without_kernels():
+        expected, _ = spd_run()
+    calls = count_calls(monkeypatch, kernels)
+    got, decaying = spd_run()
+    assert 0 < sum(decaying) < 6 * len(SHAPES)
+    assert calls["spd_decay"] == sum(decaying)
+    assert_same_run(got, expected, torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -330,3 +356,18 @@ def test_dot_takes_the_kernel_for_contiguous_cpu_floats(kernels, monkeypatch):
     a = torch.ones(40)
     assert float(_torch_ops.dot(a, a)) == 2.5 and len(calls) == 1
     assert float(_torch_ops.dot(a[::2], a[::2])) == 20.0 and len(calls) == 1  # strided: the PyTorch path
+
+
+@pytest.mark.parametrize("path", ["kernels", "pytorch"])
+def test_a_tensor_that_does_not_decay_keeps_its_step_exactly(path):
+    """``λr = 0``: θ̃ as the wrapped optimizer left it, even beside a non-finite anchor (``θ₀ · 0``)."""
+    theta = torch.tensor([1.0, -0.0, 3.0])
+    anchor = torch.tensor([float("inf"), 2.0, float("nan")])
+    decaying, decayed_anchor = torch.tensor([4.0, 4.0, 4.0]), torch.zeros(3)
+    strength = torch.tensor([0.0, 0.5])
+    with contextlib.nullcontext() if path == "kernels" else without_kernels():
+        params = [theta.clone(), decaying.clone()]
+        _torch_ops.decay_toward_anchors_(params, [anchor, decayed_anchor], strength)
+    torch.testing.assert_close(params[0], theta, rtol=0, atol=0, equal_nan=False)
+    assert torch.signbit(params[0][1])
+    torch.testing.assert_close(params[1], torch.tensor([2.0, 2.0, 2.0]), rtol=0, atol=0)

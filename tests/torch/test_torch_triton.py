@@ -214,3 +214,14 @@ def test_a_cuda_step_never_synchronises(monkeypatch):
         torch.cuda.synchronize()
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_a_tensor_that_does_not_decay_keeps_its_step_exactly(triton_on_cpu):
+    """The SPD wrapper's decay with ``keep = 1`` reads and writes nothing: θ̃ stays, even beside ``θ₀ = inf``."""
+    theta = torch.tensor([1.0, -0.0, 3.0])
+    params = [theta.clone(), torch.tensor([4.0, 4.0, 4.0])]
+    anchors = [torch.tensor([float("inf"), 2.0, float("nan")]), torch.zeros(3)]
+    _triton_ops.decay_(params, anchors, torch.tensor([1.0, 0.5]), wrapper=True)
+    torch.testing.assert_close(params[0], theta, rtol=0, atol=0)
+    assert torch.signbit(params[0][1])
+    torch.testing.assert_close(params[1], torch.tensor([2.0, 2.0, 2.0]), rtol=0, atol=0)
