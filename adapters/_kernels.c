@@ -10,9 +10,12 @@
  *
  * A tensor is seen as `rows x cols`: MARS (`core.mars_norm`) reduces every axis but the first,
  * so `rows` is its first dimension (1 for a vector or a scalar) and `cols` the rest; SPD's sums
- * are over the whole tensor, in spans of SPAN values. Every array is contiguous and of one
- * dtype (float32 or float64), passed as its address (an integer, `Tensor.data_ptr()`; for a
- * sharded parameter, its local shard's); `_torch_ops` checks all of that before calling in.
+ * are over the whole tensor, in spans of SPAN values. Every array is contiguous and passed as
+ * its address (an integer, `Tensor.data_ptr()`; for a sharded parameter, its local shard's);
+ * `_torch_ops` checks all of that before calling in. The full-size arrays are of one storage
+ * dtype S (float32, float64 or bfloat16), the per-row ones (s, n) of the compute dtype T (S
+ * itself, float32 for bfloat16). bfloat16 values are computed in float32 and stored rounded
+ * to nearest even, as torch's fused optimizers do: one rounding per stored value.
  * The GIL is released while a kernel runs, and rows (spans) are shared among `threads` OpenMP
  * threads. Each reduction over rows (spans) is summed by one thread in order, so the results do
  * not depend on `threads`.
@@ -72,11 +75,6 @@ enum {
 #else
 #define MULTIVERSION
 #endif
-/* How far ahead (values) a sweep prefetches its streams: SGD-FTP's sweep took about 8% less
- * time with it than without on the 2-core EPYC this was measured on (256 and 1024: no better). */
-#define AHEAD 512
-/* Values per cache line of T. */
-#define LINE (64 / (Py_ssize_t)sizeof(T))
 
 /* `p[j] = a[j] + scale·c[j]` (a = NULL: 0) from `j` (p + j 16-byte aligned) with streaming
  * stores, as far as whole vectors go; returns where it stopped. */
@@ -116,36 +114,104 @@ static inline Py_ssize_t stream_f64(double *p, const double *a, const double *c,
 }
 #endif
 
+/* bfloat16, stored as its bits: the upper half of a float32's. */
+static inline float bf16_load(uint16_t x) {
+    const uint32_t bits = (uint32_t)x << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, sizeof f);
+    return f;
+}
+/* Rounded to nearest even, NaN kept a (quiet) NaN: c10's round_to_nearest_even, torch's `.bfloat16()`. */
+static inline uint16_t bf16_store(float f) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, sizeof bits);
+    const uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : rounded;
+}
+static inline Py_ssize_t stream_none(uint16_t *p, const uint16_t *a, const uint16_t *c, float scale, Py_ssize_t j,
+                                     Py_ssize_t cols) {
+    (void)p, (void)a, (void)c, (void)scale, (void)cols;
+    return j; /* no streaming stores for bfloat16: plain ones */
+}
+
+/* The storage (S) and compute (T) types of each instantiation, by suffix (for the dispatch below). */
+typedef float store_f32, compute_f32;
+typedef double store_f64, compute_f64;
+typedef uint16_t store_bf16;
+typedef float compute_bf16;
+
+#define S float
 #define T float
+#define LD(x) (x)
+#define ST(x) (x)
 #define ABS fabsf
 #define SQRT sqrtf
 #define NAME(x) x##_f32
 #define STREAM stream_f32
 #include "_kernels.c" /* this file again, with T defined */
+#undef S
 #undef T
+#undef LD
+#undef ST
 #undef ABS
 #undef SQRT
 #undef NAME
 #undef STREAM
 
+#define S double
 #define T double
+#define LD(x) (x)
+#define ST(x) (x)
 #define ABS fabs
 #define SQRT sqrt
 #define NAME(x) x##_f64
 #define STREAM stream_f64
 #include "_kernels.c" /* this file again, with T defined */
+#undef S
 #undef T
+#undef LD
+#undef ST
 #undef ABS
 #undef SQRT
 #undef NAME
 #undef STREAM
 
-/* dtype codes of `_torch_ops`: 0 float32, 1 float64 */
+#define S uint16_t
+#define T float
+#define LD(x) bf16_load(x)
+#define ST(x) bf16_store(x)
+#define ABS fabsf
+#define SQRT sqrtf
+#define NAME(x) x##_bf16
+#define STREAM stream_none
+#include "_kernels.c" /* this file again, with T defined */
+#undef S
+#undef T
+#undef LD
+#undef ST
+#undef ABS
+#undef SQRT
+#undef NAME
+#undef STREAM
+
+/* dtype codes of `_torch_ops`: 0 float32, 1 float64, 2 bfloat16 */
 static int check_dtype(int dtype) {
-    if (dtype == 0 || dtype == 1) return 0;
-    PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32) or 1 (float64), got %d", dtype);
+    if (dtype >= 0 && dtype <= 2) return 0;
+    PyErr_Format(PyExc_ValueError, "dtype code must be 0 (float32), 1 (float64) or 2 (bfloat16), got %d", dtype);
     return -1;
 }
+
+/* CALL(suffix) for the instantiation of dtype code `dtype` (checked). */
+#define BY_DTYPE(dtype, CALL) \
+    do {                     \
+        if ((dtype) == 0) {  \
+            CALL(f32);       \
+        } else if ((dtype) == 1) { \
+            CALL(f64);       \
+        } else {             \
+            CALL(bf16);      \
+        }                    \
+    } while (0)
 
 static int check_shape(Py_ssize_t rows, Py_ssize_t cols) {
     if (rows >= 1 && cols >= 0) return 0;
@@ -162,14 +228,13 @@ static PyObject *ftp_project(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iKKKKKdnni", &dtype, &p, &a, &c, &n, &s, &radius, &rows, &cols, &threads))
         return NULL;
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
+#define PROJECT(X)                                                                                      \
+    project_##X((store_##X *)p, (const store_##X *)a, (const store_##X *)c, (const compute_##X *)n,     \
+                (compute_##X *)s, radius, rows, cols, threads)
     Py_BEGIN_ALLOW_THREADS;
-    if (dtype == 0)
-        project_f32((float *)p, (const float *)a, (const float *)c, (const float *)n, (float *)s, radius, rows,
-                    cols, threads);
-    else
-        project_f64((double *)p, (const double *)a, (const double *)c, (const double *)n, (double *)s, radius,
-                    rows, cols, threads);
+    BY_DTYPE(dtype, PROJECT);
     Py_END_ALLOW_THREADS;
+#undef PROJECT
     Py_RETURN_NONE;
 }
 
@@ -185,12 +250,11 @@ static PyObject *dot(PyObject *self, PyObject *args) {
         return NULL;
     }
     double total;
+#define DOT(X) total = dot_##X((const store_##X *)a, (const store_##X *)b, n, threads)
     Py_BEGIN_ALLOW_THREADS;
-    if (dtype == 0)
-        total = dot_f32((const float *)a, (const float *)b, n, threads);
-    else
-        total = dot_f64((const double *)a, (const double *)b, n, threads);
+    BY_DTYPE(dtype, DOT);
     Py_END_ALLOW_THREADS;
+#undef DOT
     return PyFloat_FromDouble(total);
 }
 
@@ -200,10 +264,12 @@ typedef struct {
     double beta1, beta2, scale, offset, value, lrwd, lr, momentum, coef, wd;
 } sweep_in;
 
-#define SWEEP_ARGS(TT, SUFFIX, IN)                                                                  \
+#define SWEEP_ARGS(SUFFIX, IN)                                                                      \
+    typedef store_##SUFFIX SS;                                                                      \
+    typedef compute_##SUFFIX TT;                                                                    \
     sweep_args_##SUFFIX k = {                                                                       \
-        .p = (TT *)(IN).p, .m = (TT *)(IN).m, .v = (TT *)(IN).v, .vm = (TT *)(IN).vm,                \
-        .c = (TT *)(IN).c, .b = (TT *)(IN).b, .g = (const TT *)(IN).g, .a = (const TT *)(IN).a,     \
+        .p = (SS *)(IN).p, .m = (SS *)(IN).m, .v = (SS *)(IN).v, .vm = (SS *)(IN).vm,                \
+        .c = (SS *)(IN).c, .b = (SS *)(IN).b, .g = (const SS *)(IN).g, .a = (const SS *)(IN).a,     \
         .w1 = (TT)(1 - (IN).beta1), .beta2 = (TT)(IN).beta2, .w2 = (TT)(1 - (IN).beta2),            \
         .scale = (TT)(IN).scale, .offset = (TT)(IN).offset, .value = (TT)(IN).value,                \
         .lrwd = (TT)(IN).lrwd, .lr = (TT)(IN).lr, .momentum = (TT)(IN).momentum,                    \
@@ -218,14 +284,14 @@ static PyObject *ftp_sweep(int base, int dtype, sweep_in in, unsigned long long 
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
     double *dots = (double *)dots_address, grad = 0;
     int failed;
+#define FTP_ROWS(X)                                                                                     \
+    do {                                                                                                \
+        SWEEP_ARGS(X, in);                                                                              \
+        failed = ftp_rows_##X(&k, (const TT *)s, (TT *)n, dots, rows, cols, base, nesterov, threads);   \
+    } while (0)
     Py_BEGIN_ALLOW_THREADS;
-    if (dtype == 0) {
-        SWEEP_ARGS(float, f32, in);
-        failed = ftp_rows_f32(&k, (const float *)s, (float *)n, dots, rows, cols, base, nesterov, threads);
-    } else {
-        SWEEP_ARGS(double, f64, in);
-        failed = ftp_rows_f64(&k, (const double *)s, (double *)n, dots, rows, cols, base, nesterov, threads);
-    }
+    BY_DTYPE(dtype, FTP_ROWS);
+#undef FTP_ROWS
     for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
@@ -281,15 +347,15 @@ static PyObject *spd_sweep(int base, int dtype, sweep_in in, Py_ssize_t count, i
     if (check_dtype(dtype) || check_count(count)) return NULL;
     double sums[3];
     int failed;
+#define SPD_SPANS(X)                                      \
+    do {                                                  \
+        SWEEP_ARGS(X, in);                                \
+        failed = spd_spans_##X(&k, count, sums, base, threads); \
+    } while (0)
     Py_BEGIN_ALLOW_THREADS;
-    if (dtype == 0) {
-        SWEEP_ARGS(float, f32, in);
-        failed = spd_spans_f32(&k, count, sums, base, threads);
-    } else {
-        SWEEP_ARGS(double, f64, in);
-        failed = spd_spans_f64(&k, count, sums, base, threads);
-    }
+    BY_DTYPE(dtype, SPD_SPANS);
     Py_END_ALLOW_THREADS;
+#undef SPD_SPANS
     if (failed) return PyErr_NoMemory();
     return Py_BuildValue("(ddd)", sums[0], sums[1], sums[2]);
 }
@@ -322,12 +388,11 @@ static PyObject *spd_decay(PyObject *self, PyObject *args) {
     Py_ssize_t count;
     if (!PyArg_ParseTuple(args, "iKKddni", &dtype, &p, &a, &keep, &strength, &count, &threads)) return NULL;
     if (check_dtype(dtype) || check_count(count)) return NULL;
+#define SPD_DECAY(X) spd_decay_##X((store_##X *)p, (const store_##X *)a, keep, strength, count, threads)
     Py_BEGIN_ALLOW_THREADS;
-    if (dtype == 0)
-        spd_decay_f32((float *)p, (const float *)a, keep, strength, count, threads);
-    else
-        spd_decay_f64((double *)p, (const double *)a, keep, strength, count, threads);
+    BY_DTYPE(dtype, SPD_DECAY);
     Py_END_ALLOW_THREADS;
+#undef SPD_DECAY
     Py_RETURN_NONE;
 }
 
@@ -376,10 +441,10 @@ PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
 #else /* T: the kernels for one dtype, included twice by the first part of this file */
 
 /* ftp_project for one tensor: p_r = a_r + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r. */
-MULTIVERSION static void NAME(project)(T *p, const T *a, const T *c, const T *n, T *s, double radius_, Py_ssize_t rows,
-                          Py_ssize_t cols, int threads) {
+MULTIVERSION static void NAME(project)(S *p, const S *a, const S *c, const T *n, T *s, double radius_,
+                                       Py_ssize_t rows, Py_ssize_t cols, int threads) {
     const T radius = (T)radius_;
-    const int stream = rows * cols * (Py_ssize_t)sizeof(T) >= STREAM_BYTES;
+    const int stream = rows * cols * (Py_ssize_t)sizeof(S) >= STREAM_BYTES;
     const int parallel = threads > 1 && rows > 1 && rows * cols >= PARALLEL_MIN;
 #pragma omp parallel num_threads(threads) if (parallel)
     {
@@ -388,21 +453,21 @@ MULTIVERSION static void NAME(project)(T *p, const T *a, const T *c, const T *n,
             const Py_ssize_t o = r * cols;
             T scale = radius / n[r];
             scale = scale < 0 ? 0 : (scale > 1 ? 1 : scale);
-            T *restrict pr = p + o;
-            const T *restrict ar = a ? a + o : NULL, *restrict cr = c + o;
+            S *restrict pr = p + o;
+            const S *restrict ar = a ? a + o : NULL, *restrict cr = c + o;
             /* streaming stores over [start, rest), from the first 16-byte boundary; plain ones around */
             Py_ssize_t start = cols, rest = cols;
             if (stream) {
-                const Py_ssize_t misaligned = (Py_ssize_t)((16 - ((uintptr_t)pr & 15)) & 15) / (Py_ssize_t)sizeof(T);
+                const Py_ssize_t misaligned = (Py_ssize_t)((16 - ((uintptr_t)pr & 15)) & 15) / (Py_ssize_t)sizeof(S);
                 start = misaligned < cols ? misaligned : cols;
                 rest = STREAM(pr, ar, cr, scale, start, cols);
             }
             if (ar) {
-                for (Py_ssize_t j = 0; j < start; j++) pr[j] = ar[j] + scale * cr[j];
-                for (Py_ssize_t j = rest; j < cols; j++) pr[j] = ar[j] + scale * cr[j];
+                for (Py_ssize_t j = 0; j < start; j++) pr[j] = ST(LD(ar[j]) + scale * LD(cr[j]));
+                for (Py_ssize_t j = rest; j < cols; j++) pr[j] = ST(LD(ar[j]) + scale * LD(cr[j]));
             } else {
-                for (Py_ssize_t j = 0; j < start; j++) pr[j] = scale * cr[j];
-                for (Py_ssize_t j = rest; j < cols; j++) pr[j] = scale * cr[j];
+                for (Py_ssize_t j = 0; j < start; j++) pr[j] = ST(scale * LD(cr[j]));
+                for (Py_ssize_t j = rest; j < cols; j++) pr[j] = ST(scale * LD(cr[j]));
             }
             s[r] = 1 / n[r];
         }
@@ -413,34 +478,34 @@ MULTIVERSION static void NAME(project)(T *p, const T *a, const T *c, const T *n,
 /* LANES partial sums of T of a_j · b_j (b = NULL: a_j²) over `count` values, a multiple of LANES,
  * joined in double. The loop bound is a parameter of an inlined function, not a `while` over a
  * moving end: under Python's -fwrapv, GCC vectorizes the former only (4x faster). */
-static inline __attribute__((always_inline)) double NAME(dot_lanes)(const T *restrict a, const T *restrict b,
+static inline __attribute__((always_inline)) double NAME(dot_lanes)(const S *restrict a, const S *restrict b,
                                                                      const Py_ssize_t count) {
     T lanes[LANES] = {0};
     if (b)
         for (Py_ssize_t i = 0; i < count; i += LANES)
-            for (int k = 0; k < LANES; k++) lanes[k] += a[i + k] * b[i + k];
+            for (int k = 0; k < LANES; k++) lanes[k] += LD(a[i + k]) * LD(b[i + k]);
     else
         for (Py_ssize_t i = 0; i < count; i += LANES)
-            for (int k = 0; k < LANES; k++) lanes[k] += a[i + k] * a[i + k];
+            for (int k = 0; k < LANES; k++) lanes[k] += LD(a[i + k]) * LD(a[i + k]);
     double total = 0;
     for (int k = 0; k < LANES; k++) total += lanes[k];
     return total;
 }
 
 /* Σ_j a_j · b_j over one span: CHUNK values at a time in `dot_lanes`, their sums in double. */
-static double NAME(dot_span)(const T *restrict a, const T *restrict b, Py_ssize_t n) {
+MULTIVERSION static double NAME(dot_span)(const S *restrict a, const S *restrict b, Py_ssize_t n) {
     double total = 0;
     Py_ssize_t j = 0;
     for (; j + CHUNK <= n; j += CHUNK) total += NAME(dot_lanes)(a + j, b ? b + j : NULL, CHUNK);
     const Py_ssize_t whole = (n - j) / LANES * LANES;
     if (whole) total += NAME(dot_lanes)(a + j, b ? b + j : NULL, whole);
     T tail = 0;
-    for (j += whole; j < n; j++) tail += a[j] * (b ? b[j] : a[j]);
+    for (j += whole; j < n; j++) tail += LD(a[j]) * LD(b ? b[j] : a[j]);
     return total + tail;
 }
 
 /* Σ a · b over n values: spans of SPAN values shared among `threads`, their sums added in order. */
-static double NAME(dot)(const T *a, const T *b, Py_ssize_t n, int threads) {
+static double NAME(dot)(const S *a, const S *b, Py_ssize_t n, int threads) {
     const Py_ssize_t spans = (n + SPAN - 1) / SPAN;
     double *sums = spans > 1 ? malloc(spans * sizeof(double)) : NULL;
     double total = 0;
@@ -460,14 +525,14 @@ static double NAME(dot)(const T *a, const T *b, Py_ssize_t n, int threads) {
 
 /* -- the Adam steps and the wrappers' sweeps ------------------------------------------------- */
 
-/* The arrays and scalars of one tensor's sweep (`sweep`). Scalars are in T, as PyTorch's
+/* The arrays (of S) and scalars of one tensor's sweep (`sweep`). Scalars are in T, as PyTorch's
  * kernels take them. Adam: w1 = 1 − β1 (the lerp's weight), beta2, w2 = 1 − β2, the
  * coefficients of x ← x + value · m / (√v* · scale + offset) (`_torch_ops.adam_coefficients`),
  * lrwd = −lr·wd (AdamW's decay); SGD: lr, momentum, coef (of u in the momentum buffer b: 1 on
  * the first step, else 1 − dampening), wd (added to the gradient). */
 typedef struct {
-    T *p, *m, *v, *vm, *c, *b;
-    const T *g, *a;
+    S *p, *m, *v, *vm, *c, *b;
+    const S *g, *a;
     T w1, beta2, w2, scale, offset, value, lrwd; /* Adam */
     T lr, momentum, coef, wd;                     /* SGD */
 } NAME(sweep_args);
@@ -482,43 +547,43 @@ typedef struct {
  *          θ̃ − θ₀ until the decay), S2 += (θ̃ − θ₀)². */
 #define SWEEP_ONE(i, S0, S1, S2)                                                                      \
     do {                                                                                              \
-        const T gi = has_g ? g[i] : 0;                                                                \
+        const T gi = has_g ? LD(g[i]) : 0;                                                            \
         T u = 0;                                                                                      \
         if (base == ADAM) {                                                                           \
-            const T mo = m[i];                                                                        \
+            const T mo = LD(m[i]);                                                                    \
             const T mi = small ? mo + w1 * (gi - mo) : gi - (gi - mo) * ((T)1 - w1);                   \
-            const T vi = v[i] * beta2 + w2 * gi * gi;                                                 \
-            m[i] = mi;                                                                                \
-            v[i] = vi;                                                                                \
+            const T vi = LD(v[i]) * beta2 + w2 * gi * gi;                                             \
+            m[i] = ST(mi);                                                                            \
+            v[i] = ST(vi);                                                                            \
             T second = vi;                                                                            \
             if (amsgrad) {                                                                            \
-                const T vmo = vm[i];                                                                  \
+                const T vmo = LD(vm[i]);                                                              \
                 second = (vmo >= vi || vmo != vmo) ? vmo : vi; /* NaN propagates, as torch.maximum */ \
-                vm[i] = second;                                                                       \
+                vm[i] = ST(second);                                                                   \
             }                                                                                         \
             u = value * mi / (SQRT(second) * scale + offset);                                         \
         } else if (base == SGD) {                                                                     \
-            T d = has_wd ? gi + wd * p[i] : gi;                                                       \
+            T d = has_wd ? gi + wd * LD(p[i]) : gi;                                               \
             if (has_momentum) {                                                                       \
-                const T bi = momentum * b[i] + coef * d;                                              \
-                b[i] = bi;                                                                            \
+                const T bi = momentum * LD(b[i]) + coef * d;                                      \
+                b[i] = ST(bi);                                                                        \
                 d = nesterov ? d + momentum * bi : bi;                                                \
             }                                                                                         \
             u = -(lr * d);                                                                            \
         }                                                                                             \
-        T di = has_anchor ? p[i] - a[i] : p[i];                                                       \
+        T di = has_anchor ? LD(p[i]) - LD(a[i]) : LD(p[i]);                                          \
         if (ftp) {                                                                                    \
-            S0 += c[i] * gi;                                                                          \
-            if (base == ADAM && has_wd) di = di + lrwd * p[i];                                        \
+            S0 += LD(c[i]) * gi;                                                                      \
+            if (base == ADAM && has_wd) di = di + lrwd * LD(p[i]);                                    \
             if (base) di = di + u;                                                                    \
-            c[i] = di;                                                                                \
+            c[i] = ST(di);                                                                            \
             S1 += ABS(di);                                                                            \
         } else {                                                                                      \
             if (has_g) S0 += gi * di;                                                                 \
             S1 += di * di;                                                                            \
             if (base) {                                                                               \
                 di = di + u;                                                                          \
-                p[i] = di;                                                                            \
+                p[i] = ST(di);                                                                        \
                 S2 += di * di;                                                                        \
             }                                                                                         \
         }                                                                                             \
@@ -534,10 +599,10 @@ static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_a
                                                                const int has_anchor, const int has_wd,
                                                                const int has_g, const int small,
                                                                const int has_momentum, const int nesterov) {
-    T *restrict p = k->p + o, *restrict m = base == ADAM ? k->m + o : NULL;
-    T *restrict v = base == ADAM ? k->v + o : NULL, *restrict vm = amsgrad ? k->vm + o : NULL;
-    T *restrict c = ftp ? k->c + o : NULL, *restrict b = has_momentum ? k->b + o : NULL;
-    const T *restrict g = has_g ? k->g + o : NULL, *restrict a = has_anchor ? k->a + o : NULL;
+    S *restrict p = k->p + o, *restrict m = base == ADAM ? k->m + o : NULL;
+    S *restrict v = base == ADAM ? k->v + o : NULL, *restrict vm = amsgrad ? k->vm + o : NULL;
+    S *restrict c = ftp ? k->c + o : NULL, *restrict b = has_momentum ? k->b + o : NULL;
+    const S *restrict g = has_g ? k->g + o : NULL, *restrict a = has_anchor ? k->a + o : NULL;
     const T w1 = k->w1, beta2 = k->beta2, w2 = k->w2, scale = k->scale, offset = k->offset;
     const T value = k->value, lrwd = k->lrwd, lr = k->lr, momentum = k->momentum, coef = k->coef, wd = k->wd;
     double s0 = 0, s1 = 0, s2 = 0;
@@ -629,17 +694,17 @@ static int NAME(spd_spans)(const NAME(sweep_args) *k, Py_ssize_t count, double s
 
 /* spd_decay: θ ← θ · keep + θ₀ · strength over `count` values (θ₀ = NULL: θ · keep), the
  * SPD wrapper's (1 − λr) θ̃ + λr θ₀. */
-static void NAME(spd_decay)(T *p, const T *a, double keep_, double strength_, Py_ssize_t count, int threads) {
+MULTIVERSION static void NAME(spd_decay)(S *p, const S *a, double keep_, double strength_, Py_ssize_t count, int threads) {
     const T keep = (T)keep_, strength = (T)strength_;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && count >= PARALLEL_MIN)
     for (Py_ssize_t q = 0; q < count; q += SPAN) {
-        T *restrict pq = p + q;
-        const T *restrict aq = a ? a + q : NULL;
+        S *restrict pq = p + q;
+        const S *restrict aq = a ? a + q : NULL;
         const Py_ssize_t end = count - q < SPAN ? count - q : SPAN;
         if (aq)
-            for (Py_ssize_t j = 0; j < end; j++) pq[j] = pq[j] * keep + aq[j] * strength;
+            for (Py_ssize_t j = 0; j < end; j++) pq[j] = ST(LD(pq[j]) * keep + LD(aq[j]) * strength);
         else
-            for (Py_ssize_t j = 0; j < end; j++) pq[j] = pq[j] * keep;
+            for (Py_ssize_t j = 0; j < end; j++) pq[j] = ST(LD(pq[j]) * keep);
     }
 }
 

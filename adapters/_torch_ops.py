@@ -94,18 +94,19 @@ def _widened(x):
 def dot(a, b, scratch=None):
     """``⟨a, b⟩``, the sum of ``a ⊙ b`` over the whole tensor, a 0-d tensor of `statistics_dtype`.
 
-    On the CPU, the C kernels' ``dot`` where it takes the tensors (contiguous float32/float64,
-    outside a trace), else the product into ``scratch`` (a `Scratch`) when given, summed by
-    `total`; elsewhere ``torch.dot`` (MKL's, on the CPU, splits its sum by the thread count).
+    On the CPU, the C kernels' ``dot`` where it takes the tensors (contiguous float32, float64
+    or bfloat16, outside a trace), else the product into ``scratch`` (a `Scratch`) when given,
+    summed by `total`; elsewhere ``torch.dot`` (MKL's, on the CPU, splits its sum by the thread
+    count).
     """
-    a, b = _widened(a), _widened(b)
-    if a.device.type != "cpu":
-        return torch.dot(a.reshape(-1), b.reshape(-1))
     if kernels_take([a, b]):
         value = _kernels.dot(
             _KERNEL_DTYPES[a.dtype], a.data_ptr(), b.data_ptr(), a.numel(), torch.get_num_threads()
         )
-        return torch.tensor(value, dtype=a.dtype)
+        return torch.tensor(value, dtype=statistics_dtype(a.dtype))
+    a, b = _widened(a), _widened(b)
+    if a.device.type != "cpu":
+        return torch.dot(a.reshape(-1), b.reshape(-1))
     return total(torch.mul(a, b, out=None if scratch is None else scratch.like(a)))
 
 
@@ -421,7 +422,7 @@ def ftp_after_step_(params, grads, anchors, states, t, *, k, scratch=None, shard
         radius_grads, row_sums = _triton_ops.ftp_wrapper_sweeps(params, grads, anchors, states)
         ftp_project_(params, anchors, buffers, row_sums, radius_grads, t, states, k=k, shards=shards)
         return
-    if scratch is not None and kernels_take(params, grads, anchors, buffers, inv_norms):
+    if scratch is not None and kernels_take(params, grads, anchors, buffers, rows=inv_norms):
         radius_grads, row_sums = _ftp_displace_kernels(params, grads, anchors, buffers, inv_norms)
         ftp_project_(params, anchors, buffers, row_sums, radius_grads, t, states, k=k, shards=shards)
         return
@@ -466,7 +467,7 @@ def ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, stat
     if _triton_ops.takes(params, anchors, displacements, norm_list, inv_norms):
         _triton_ops.project_(params, anchors, displacements, norm_list, radii, inv_norms)
         return
-    if kernels_take(params, anchors, displacements, norm_list, inv_norms):
+    if kernels_take(params, anchors, displacements, rows=(norm_list, inv_norms)):
         _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states)
         return
     for param, anchor, c, n, radius, state in zip(
@@ -689,7 +690,7 @@ def sgd_ftp_step_(
             )
             return
     if scratch is not None and anchors is not None:
-        if kernels_take(params, grads, buffers, anchors, displacements, inv_norms):
+        if kernels_take(params, grads, buffers, anchors, displacements, rows=inv_norms):
             _sgd_ftp_kernels_(params, grads, buffers, anchors, ftp_states, t, **hyper, k=k, shards=shards)
             return
     if scratch is not None:
@@ -830,7 +831,7 @@ def _adam_spd_blocks_(
             params, grads, moments, anchors, scale, offset, value, beta1, beta2, amsgrad
         )
         statistics = spd_statistics(*sums.unbind(1), shards)
-        spd_decay_(params, anchors, spd_keep(*statistics, weight_decay, record))
+        _adam_spd_decay_kernels_(params, anchors, spd_keep(*statistics, weight_decay, record))
         return
     sums = []
     for i, (p, g, m, v, v_max) in enumerate(zip(params, grads, *moments, strict=True)):
@@ -877,8 +878,8 @@ def _adam_ftp_blocks_(
     if anchored:
         displacements = [state["prev_displacement"] for state in ftp_states]
         inv_norms = [state["prev_inv_norm"] for state in ftp_states]
-        taken = (params, grads, *_adam_moments_taken(moments, amsgrad), anchors, displacements, inv_norms)
-        if kernels_take(*taken):
+        taken = (params, grads, *_adam_moments_taken(moments, amsgrad), anchors, displacements)
+        if kernels_take(*taken, rows=inv_norms):
             lrwd = -float(lr) * weight_decay
             adam = (scale, offset, value, beta1, beta2, amsgrad, lrwd)
             radius_grads, row_sums = _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam)
@@ -988,21 +989,29 @@ try:
 except ImportError:  # built without a C compiler: the single pass above does the same in PyTorch
     _kernels = None
 
-_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
+_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 
 
-def kernels_take(*tensor_lists):
+def kernels_available(dtype):
+    """Whether C kernels were built for tensors of ``dtype``."""
+    return _kernels is not None and dtype in _KERNEL_DTYPES
+
+
+def kernels_take(*tensor_lists, rows=()):
     """Whether the C kernels take these lists of tensors (``None`` entries allowed).
 
-    They take CPU tensors, contiguous, non-empty and all of one dtype, float32 or float64,
-    outside a traced step (a graph cannot call C through addresses).
+    They take CPU tensors, contiguous, non-empty and all of one dtype, float32, float64 or
+    bfloat16, outside a traced step (a graph cannot call C through addresses). ``rows``: a list
+    (or a tuple of lists) of per-row tensors (``prev_inv_norm``, ``n``), of `statistics_dtype`.
     """
-    if _kernels is None or torch.compiler.is_compiling():
-        return False
     dtype = tensor_lists[0][0].dtype
-    return dtype in _KERNEL_DTYPES and all(
-        x is None or (x.device.type == "cpu" and x.dtype == dtype and x.is_contiguous() and x.numel() > 0)
-        for tensors in tensor_lists
+    if not kernels_available(dtype) or torch.compiler.is_compiling():
+        return False
+    rows = rows if isinstance(rows, tuple) else (rows,)
+    wanted = [(tensors, dtype) for tensors in tensor_lists] + [(r, statistics_dtype(dtype)) for r in rows]
+    return all(
+        x is None or (x.device.type == "cpu" and x.dtype == want and x.is_contiguous() and x.numel() > 0)
+        for tensors, want in wanted
         for x in tensors
     )
 
@@ -1030,9 +1039,10 @@ def _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, stat
     ``norm_list`` the norms ``n = MARS(c) + 1e-8``."""
     code = _KERNEL_DTYPES[params[0].dtype]
     threads = torch.get_num_threads()
+    n_dtype = statistics_dtype(params[0].dtype)  # the radius as the kernel's arithmetic takes it
     inv_norms = [state["prev_inv_norm"] for state in states]
     for p, a, c, n, radius, s in zip(
-        params, anchors, displacements, norm_list, radii.to(params[0].dtype).tolist(), inv_norms, strict=True
+        params, anchors, displacements, norm_list, radii.to(n_dtype).tolist(), inv_norms, strict=True
     ):
         rows, cols = _rows_cols(p)
         addresses = (p.data_ptr(), _address(a), c.data_ptr(), n.data_ptr(), s.data_ptr())
@@ -1076,7 +1086,7 @@ def _sgd_ftp_kernels_(
             coefficient, weight_decay, nesterov, threads,
         ))  # fmt: skip
     torch.autograd.graph.increment_version(displacements + [b for b in buffers if b is not None])
-    radius_grads = torch.tensor(radius_grads, dtype=params[0].dtype)
+    radius_grads = torch.tensor(radius_grads, dtype=statistics_dtype(params[0].dtype))
     ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards)
 
 
@@ -1120,7 +1130,7 @@ def _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam):
         ))  # fmt: skip
     torch.autograd.graph.increment_version(displacements)
     _bump_moments(moments, amsgrad)
-    return torch.tensor(radius_grads, dtype=params[0].dtype), row_sums
+    return torch.tensor(radius_grads, dtype=statistics_dtype(params[0].dtype)), row_sums
 
 
 def _adam_spd_kernels_(params, grads, moments, anchors, scale, offset, value, beta1, beta2, amsgrad):
@@ -1138,7 +1148,7 @@ def _adam_spd_kernels_(params, grads, moments, anchors, scale, offset, value, be
         ))  # fmt: skip
     torch.autograd.graph.increment_version(params)
     _bump_moments(moments, amsgrad)
-    return torch.tensor(sums, dtype=params[0].dtype)
+    return torch.tensor(sums, dtype=statistics_dtype(params[0].dtype))
 
 
 def _ftp_displace_kernels(params, grads, anchors, displacements, inv_norms):
@@ -1154,7 +1164,7 @@ def _ftp_displace_kernels(params, grads, anchors, displacements, inv_norms):
             dots.data_ptr(), rows, cols, threads,
         ))  # fmt: skip
     torch.autograd.graph.increment_version(displacements)
-    return torch.tensor(radius_grads, dtype=params[0].dtype), row_sums
+    return torch.tensor(radius_grads, dtype=statistics_dtype(params[0].dtype)), row_sums
 
 
 def _spd_sums_kernels(params, anchors, grads):
@@ -1166,7 +1176,7 @@ def _spd_sums_kernels(params, anchors, grads):
                           p.numel(), threads)[:2]
         for i, (p, a) in enumerate(zip(params, anchors, strict=True))
     ]  # fmt: skip
-    alignment, squares = torch.tensor(sums, dtype=params[0].dtype).unbind(1)
+    alignment, squares = torch.tensor(sums, dtype=statistics_dtype(params[0].dtype)).unbind(1)
     return (None if grads is None else alignment), squares
 
 
@@ -1176,10 +1186,22 @@ def _spd_decay_kernels_(params, anchors, strength):
     A tensor with ``λr = 0`` (its gradient did not push it away, or its step moved it closer)
     keeps ``θ̃`` as it is: no sweep.
     """
+    strength = strength.to(statistics_dtype(params[0].dtype))
+    _decay_kernels_(params, anchors, (1 - strength).tolist(), strength.tolist(), skip_undecayed=True)
+
+
+def _adam_spd_decay_kernels_(params, anchors, keep):
+    """`spd_decay_` in C: ``θ ← θ₀ + keep · (θ̃ − θ₀)``, the parameters holding ``θ̃ − θ₀``; one sweep per tensor."""
+    keep = keep.to(statistics_dtype(params[0].dtype)).tolist()
+    _decay_kernels_(params, anchors, keep, [1.0] * len(params))
+
+
+def _decay_kernels_(params, anchors, keeps, strengths, skip_undecayed=False):
+    """``θ ← θ · keep + θ₀ · strength`` (no anchor: ``θ · keep``) in C, per tensor; with
+    ``skip_undecayed``, a tensor whose strength is 0 is left as it is (no sweep)."""
     code = _KERNEL_DTYPES[params[0].dtype]
     threads = torch.get_num_threads()
-    strength = strength.to(params[0].dtype)
-    for p, a, keep, s in zip(params, anchors, (1 - strength).tolist(), strength.tolist(), strict=True):
-        if s != 0:
-            _kernels.spd_decay(code, p.data_ptr(), _address(a), keep, s, p.numel(), threads)
+    for p, a, keep, strength in zip(params, anchors, keeps, strengths, strict=True):
+        if strength != 0 or not skip_undecayed:
+            _kernels.spd_decay(code, p.data_ptr(), _address(a), keep, strength, p.numel(), threads)
     torch.autograd.graph.increment_version(params)

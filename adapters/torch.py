@@ -414,12 +414,16 @@ class _Anchored(Optimizer):
         return list(buckets.values())
 
     def _scratch_for(self, params):
-        """A float32/float64 CPU bucket's `ops.Scratch` (the CPU's single pass); ``None`` otherwise.
+        """A CPU bucket's `ops.Scratch` (the CPU's single pass, and its C kernels); ``None`` otherwise.
 
-        Elsewhere the multi-tensor kernels run: an accelerator has them and a caching
-        allocator; 16-bit tensors keep the path whose statistics are computed as they were.
+        float32 and float64 buckets, and bfloat16 ones where the C kernels were built. Elsewhere
+        the multi-tensor kernels run: an accelerator has them and a caching allocator; float16
+        (and bfloat16 without the kernels) keeps the path whose statistics are computed as they were.
         """
-        if params[0].device.type != "cpu" or params[0].dtype not in (torch.float32, torch.float64):
+        dtype = params[0].dtype
+        if params[0].device.type != "cpu" or not (
+            dtype in (torch.float32, torch.float64) or ops.kernels_available(dtype)
+        ):
             return None
         if "_scratch" not in self.__dict__:  # made lazily: torch pickles only the state and groups
             self._scratch = ops.Scratch()

@@ -10,7 +10,8 @@ kernels, and which stay on the multi-tensor path.
 
 import pytest
 import torch
-from torch_helpers import require_triton_interpreter
+from torch_helpers import assert_bfloat16_drift_within, require_triton_interpreter
+from torch_helpers import float_tensors as tensors
 
 from tether.adapters import _torch_ops, _triton_ops
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD, _Anchored
@@ -78,17 +79,6 @@ def run(make, options, anchor, dtype, steps=5, shapes=SHAPES, device="cpu"):
     return params, opt
 
 
-def tensors(params, opt):
-    """Each parameter and its floating state tensors, by name, as float32."""
-    out = {}
-    for i, p in enumerate(params):
-        out[f"param {i}"] = p.detach().float()
-        for key, value in opt.state[p].items():
-            if torch.is_tensor(value) and value.is_floating_point():
-                out[f"param {i} {key}"] = value.float()
-    return out
-
-
 @pytest.mark.parametrize("anchor", ["init", "zero"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_float32_equals_the_multi_tensor_path(triton_on_cpu, multi_tensor, case, anchor):
@@ -112,11 +102,7 @@ def test_bfloat16_tracks_float32_as_the_multi_tensor_path_does(triton_on_cpu, mu
     multi_tensor()
     want = tensors(*run(make, options, "init", torch.bfloat16))
     exact = tensors(*run(make, options, "init", torch.float32))
-    for name, reference in exact.items():
-        assert torch.isfinite(got[name]).all(), name
-        ulp = 2.0**-7 * reference.abs().max().item()
-        drift, multi_drift = ((x[name] - reference).abs().max().item() for x in (got, want))
-        assert drift <= 1.5 * multi_drift + ulp, (name, drift, multi_drift)
+    assert_bfloat16_drift_within(got, want, exact)
 
 
 def spy(monkeypatch):

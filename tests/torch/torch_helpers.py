@@ -181,3 +181,26 @@ def require_triton_interpreter():
         pytest.skip("triton is not installed")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET=1 is not set: the Triton kernels run in the tests-triton session")
+
+
+def float_tensors(params, opt):
+    """Each parameter and its floating state tensors, by name, as float32."""
+    out = {}
+    for i, p in enumerate(params):
+        out[f"param {i}"] = p.detach().float()
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                out[f"param {i} {key}"] = value.float()
+    return out
+
+
+def assert_bfloat16_drift_within(got, multi_tensor, exact):
+    """bfloat16 runs drift from the float32 run (``exact``) by rounding. A fused path (one rounding
+    per stored value) drifts no more than the multi-tensor path (one per op), give or take one
+    bfloat16 step of the tensor's scale. Each argument is `float_tensors` of a run."""
+    assert got.keys() == multi_tensor.keys() == exact.keys()
+    for name, reference in exact.items():
+        assert torch.isfinite(got[name]).all(), name
+        ulp = 2.0**-7 * reference.abs().max().item()
+        drift, multi_drift = ((x[name] - reference).abs().max().item() for x in (got, multi_tensor))
+        assert drift <= 1.5 * multi_drift + ulp, (name, drift, multi_drift)
