@@ -139,8 +139,8 @@ def _moved_rows_run(kind, in_place, monkeypatch, shapes, steps=4):
     taken = []
     kernels_take = _keras_torch._torch_ops.kernels_take
 
-    def recording(*tensor_lists):
-        taken.append((tuple(tensor_lists[0][0].shape), kernels_take(*tensor_lists)))
+    def recording(*tensor_lists, **options):
+        taken.append((tuple(tensor_lists[0][0].shape), kernels_take(*tensor_lists, **options)))
         return taken[-1][1]
 
     monkeypatch.setattr(_keras_torch._torch_ops, "kernels_take", recording)
