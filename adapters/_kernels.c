@@ -148,15 +148,7 @@ typedef float compute_bf16;
 #define SQRT sqrtf
 #define NAME(x) x##_f32
 #define STREAM stream_f32
-#include "_kernels.c" /* this file again, with T defined */
-#undef S
-#undef T
-#undef LD
-#undef ST
-#undef ABS
-#undef SQRT
-#undef NAME
-#undef STREAM
+#include "_kernels.c" /* this file again, with T defined; it undefines these at its end */
 
 #define S double
 #define T double
@@ -166,15 +158,7 @@ typedef float compute_bf16;
 #define SQRT sqrt
 #define NAME(x) x##_f64
 #define STREAM stream_f64
-#include "_kernels.c" /* this file again, with T defined */
-#undef S
-#undef T
-#undef LD
-#undef ST
-#undef ABS
-#undef SQRT
-#undef NAME
-#undef STREAM
+#include "_kernels.c" /* this file again, with T defined; it undefines these at its end */
 
 #define S uint16_t
 #define T float
@@ -184,15 +168,7 @@ typedef float compute_bf16;
 #define SQRT sqrtf
 #define NAME(x) x##_bf16
 #define STREAM stream_none
-#include "_kernels.c" /* this file again, with T defined */
-#undef S
-#undef T
-#undef LD
-#undef ST
-#undef ABS
-#undef SQRT
-#undef NAME
-#undef STREAM
+#include "_kernels.c" /* this file again, with T defined; it undefines these at its end */
 
 /* dtype codes of `_torch_ops`: 0 float32, 1 float64, 2 bfloat16 */
 static int check_dtype(int dtype) {
@@ -709,4 +685,13 @@ MULTIVERSION static void NAME(spd_decay)(S *p, const S *a, double keep_, double 
 }
 
 #undef SWEEP_ONE
+/* the instantiation's parameters, for the next one */
+#undef S
+#undef T
+#undef LD
+#undef ST
+#undef ABS
+#undef SQRT
+#undef NAME
+#undef STREAM
 #endif /* T */
