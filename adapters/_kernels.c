@@ -23,11 +23,13 @@
  *   adam_ftp_displace, sgd_ftp_displace, ftp_displace:
  *                     ∇γ = Σ_r s_r Σ_j (c_prev ⊙ g)_rj, the base step (torch.optim.Adam's or
  *                     SGD's; none for the FTP wrapper, whose base has stepped), c = (θ − θ₀) + u
- *                     written over c_prev, and the row sums Σ_j |c_rj|. Returns ∇γ. (The norms'
- *                     1e-8 and max n are `_torch_ops`'s: for a shard, the row sums are partial.)
- *   ftp_project:      θ = θ₀ + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r.
+ *                     written over c_prev, and the row sums Σ_j |c_rj|. Returns (∇γ, the largest
+ *                     row sum). (For a shard the row sums are partial: `_torch_ops` sums them
+ *                     across ranks before the projection and takes max n itself.)
+ *   ftp_project:      n_r = Σ_j |c_rj| + eps (the norms' 1e-8, `core.NORM_EPS`),
+ *                     θ = θ₀ + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r.
  *   adam_spd_step:    ⟨g, θ − θ₀⟩, ‖θ − θ₀‖², Adam's step into θ (which then holds θ̃ − θ₀) and
- *                     ‖θ̃ − θ₀‖²; `_torch_ops` decays with one addcmul.
+ *                     ‖θ̃ − θ₀‖²; `spd_decay` then decays.
  *   spd_sums:         the SPD wrapper's ⟨g, θ − θ₀⟩ and ‖θ − θ₀‖² (before and after the wrapped step).
  *   spd_decay:        the SPD wrapper's θ ← (1 − λr) θ̃ + λr θ₀.
  *   dot:              Σ a · b over a whole tensor (Σ a² without b), in spans of SPAN values
@@ -76,12 +78,42 @@ enum {
 #define MULTIVERSION
 #endif
 
-/* `p[j] = a[j] + scale·c[j]` (a = NULL: 0) from `j` (p + j 16-byte aligned) with streaming
- * stores, as far as whole vectors go; returns where it stopped. */
+/* `p[j] = a[j] + scale·c[j]` (a = NULL: 0) from `j` (p + j 64-byte aligned) with streaming
+ * stores, as far as whole vectors go; returns where it stopped. 256-bit stores where the CPU has
+ * AVX: on a 2-core EPYC the projection then takes 6.7 ms per 16.7M float32 values, not 7.5. */
 #if defined(__SSE2__)
 static inline void fence(void) { _mm_sfence(); }
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define STREAM_AVX 1
+__attribute__((target("avx"))) static Py_ssize_t stream_f32_avx(float *p, const float *a, const float *c,
+                                                                  float scale, Py_ssize_t j, Py_ssize_t cols) {
+    const __m256 s8 = _mm256_set1_ps(scale);
+    for (; j + 8 <= cols; j += 8) {
+        __m256 v = _mm256_mul_ps(s8, _mm256_loadu_ps(c + j));
+        if (a) v = _mm256_add_ps(_mm256_loadu_ps(a + j), v);
+        _mm256_stream_ps(p + j, v);
+    }
+    return j;
+}
+__attribute__((target("avx"))) static Py_ssize_t stream_f64_avx(double *p, const double *a, const double *c,
+                                                                  double scale, Py_ssize_t j, Py_ssize_t cols) {
+    const __m256d s4 = _mm256_set1_pd(scale);
+    for (; j + 4 <= cols; j += 4) {
+        __m256d v = _mm256_mul_pd(s4, _mm256_loadu_pd(c + j));
+        if (a) v = _mm256_add_pd(_mm256_loadu_pd(a + j), v);
+        _mm256_stream_pd(p + j, v);
+    }
+    return j;
+}
+#else
+#define STREAM_AVX 0
+#endif
 static inline Py_ssize_t stream_f32(float *p, const float *a, const float *c, float scale, Py_ssize_t j,
                                     Py_ssize_t cols) {
+#if STREAM_AVX
+    if (__builtin_cpu_supports("avx")) return stream_f32_avx(p, a, c, scale, j, cols);
+#endif
     const __m128 s4 = _mm_set1_ps(scale);
     for (; j + 4 <= cols; j += 4) {
         __m128 v = _mm_mul_ps(s4, _mm_loadu_ps(c + j));
@@ -92,6 +124,9 @@ static inline Py_ssize_t stream_f32(float *p, const float *a, const float *c, fl
 }
 static inline Py_ssize_t stream_f64(double *p, const double *a, const double *c, double scale, Py_ssize_t j,
                                     Py_ssize_t cols) {
+#if STREAM_AVX
+    if (__builtin_cpu_supports("avx")) return stream_f64_avx(p, a, c, scale, j, cols);
+#endif
     const __m128d s2 = _mm_set1_pd(scale);
     for (; j + 2 <= cols; j += 2) {
         __m128d v = _mm_mul_pd(s2, _mm_loadu_pd(c + j));
@@ -200,13 +235,13 @@ static PyObject *ftp_project(PyObject *self, PyObject *args) {
     int dtype, threads;
     unsigned long long p, a, c, n, s;
     Py_ssize_t rows, cols;
-    double radius;
-    if (!PyArg_ParseTuple(args, "iKKKKKdnni", &dtype, &p, &a, &c, &n, &s, &radius, &rows, &cols, &threads))
+    double radius, eps;
+    if (!PyArg_ParseTuple(args, "iKKKKKddnni", &dtype, &p, &a, &c, &n, &s, &radius, &eps, &rows, &cols, &threads))
         return NULL;
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
 #define PROJECT(X)                                                                                      \
     project_##X((store_##X *)p, (const store_##X *)a, (const store_##X *)c, (const compute_##X *)n,     \
-                (compute_##X *)s, radius, rows, cols, threads)
+                (compute_##X *)s, radius, eps, rows, cols, threads)
     Py_BEGIN_ALLOW_THREADS;
     BY_DTYPE(dtype, PROJECT);
     Py_END_ALLOW_THREADS;
@@ -253,17 +288,17 @@ typedef struct {
     }
 
 /* The FTP sweeps over rows x cols (base: ADAM, SGD or NONE, the wrapper's measure after the
- * wrapped step); s, n and dots as in `ftp_rows`. Returns ∇γ = Σ_r dots_r. */
+ * wrapped step); s, n and dots as in `ftp_rows`. Returns (∇γ = Σ_r dots_r, max_r n_r). */
 static PyObject *ftp_sweep(int base, int dtype, sweep_in in, unsigned long long s, unsigned long long n,
                            unsigned long long dots_address, Py_ssize_t rows, Py_ssize_t cols, int nesterov,
                            int threads) {
     if (check_dtype(dtype) || check_shape(rows, cols)) return NULL;
-    double *dots = (double *)dots_address, grad = 0;
+    double *dots = (double *)dots_address, grad = 0, largest = 0;
     int failed;
 #define FTP_ROWS(X)                                                                                     \
     do {                                                                                                \
         SWEEP_ARGS(X, in);                                                                              \
-        failed = ftp_rows_##X(&k, (const TT *)s, (TT *)n, dots, rows, cols, base, nesterov, threads);   \
+        failed = ftp_rows_##X(&k, (const TT *)s, (TT *)n, dots, &largest, rows, cols, base, nesterov, threads); \
     } while (0)
     Py_BEGIN_ALLOW_THREADS;
     BY_DTYPE(dtype, FTP_ROWS);
@@ -271,7 +306,7 @@ static PyObject *ftp_sweep(int base, int dtype, sweep_in in, unsigned long long 
     for (Py_ssize_t r = 0; r < rows; r++) grad += dots[r];
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
-    return PyFloat_FromDouble(grad);
+    return Py_BuildValue("(dd)", grad, largest);
 }
 
 static PyObject *adam_ftp_displace(PyObject *self, PyObject *args) {
@@ -412,14 +447,19 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+#if STREAM_AVX
+    __builtin_cpu_init(); /* for __builtin_cpu_supports in the streaming stores */
+#endif
+    return PyModule_Create(&module);
+}
 
 #else /* T: the kernels for one dtype, included twice by the first part of this file */
 
-/* ftp_project for one tensor: p_r = a_r + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r. */
-MULTIVERSION static void NAME(project)(S *p, const S *a, const S *c, const T *n, T *s, double radius_,
-                                       Py_ssize_t rows, Py_ssize_t cols, int threads) {
-    const T radius = (T)radius_;
+/* ftp_project for one tensor: n_r = sums_r + eps, p_r = a_r + clip(γ / n_r, 0, 1) · c_r and s_r = 1 / n_r. */
+MULTIVERSION static void NAME(project)(S *p, const S *a, const S *c, const T *sums, T *s, double radius_,
+                                       double eps_, Py_ssize_t rows, Py_ssize_t cols, int threads) {
+    const T radius = (T)radius_, eps = (T)eps_;
     const int stream = rows * cols * (Py_ssize_t)sizeof(S) >= STREAM_BYTES;
     const int parallel = threads > 1 && rows > 1 && rows * cols >= PARALLEL_MIN;
 #pragma omp parallel num_threads(threads) if (parallel)
@@ -427,14 +467,15 @@ MULTIVERSION static void NAME(project)(S *p, const S *a, const S *c, const T *n,
 #pragma omp for schedule(static)
         for (Py_ssize_t r = 0; r < rows; r++) {
             const Py_ssize_t o = r * cols;
-            T scale = radius / n[r];
+            const T n = sums[r] + eps;
+            T scale = radius / n;
             scale = scale < 0 ? 0 : (scale > 1 ? 1 : scale);
             S *restrict pr = p + o;
             const S *restrict ar = a ? a + o : NULL, *restrict cr = c + o;
-            /* streaming stores over [start, rest), from the first 16-byte boundary; plain ones around */
+            /* streaming stores over [start, rest), from the first cache line's start; plain ones around */
             Py_ssize_t start = cols, rest = cols;
             if (stream) {
-                const Py_ssize_t misaligned = (Py_ssize_t)((16 - ((uintptr_t)pr & 15)) & 15) / (Py_ssize_t)sizeof(S);
+                const Py_ssize_t misaligned = (Py_ssize_t)((64 - ((uintptr_t)pr & 63)) & 63) / (Py_ssize_t)sizeof(S);
                 start = misaligned < cols ? misaligned : cols;
                 rest = STREAM(pr, ar, cr, scale, start, cols);
             }
@@ -445,7 +486,7 @@ MULTIVERSION static void NAME(project)(S *p, const S *a, const S *c, const T *n,
                 for (Py_ssize_t j = 0; j < start; j++) pr[j] = ST(scale * LD(cr[j]));
                 for (Py_ssize_t j = rest; j < cols; j++) pr[j] = ST(scale * LD(cr[j]));
             }
-            s[r] = 1 / n[r];
+            s[r] = 1 / n;
         }
         fence();
     }
@@ -520,7 +561,9 @@ typedef struct {
  *          as torch.optim.SGD;
  *   ftp:   S0 += c_prev·g, c = (θ − θ₀) [+ lrwd·θ] [+ u] written over c_prev, S1 += |c|;
  *   else (SPD): d = θ − θ₀, S0 += g·d, S1 += d², and with a base step θ ← d + u (the parameter holds
- *          θ̃ − θ₀ until the decay), S2 += (θ̃ − θ₀)². */
+ *          θ̃ − θ₀ until the decay), S2 += (θ̃ − θ₀)².
+ *   |c| is of c as stored (bfloat16: rounded), the c the projection scales; (θ̃ − θ₀)² is of
+ *   the value before its rounding (summing the stored one stops GCC vectorizing this loop). */
 #define SWEEP_ONE(i, S0, S1, S2)                                                                      \
     do {                                                                                              \
         const T gi = has_g ? LD(g[i]) : 0;                                                            \
@@ -552,8 +595,9 @@ typedef struct {
             S0 += LD(c[i]) * gi;                                                                      \
             if (base == ADAM && has_wd) di = di + lrwd * LD(p[i]);                                    \
             if (base) di = di + u;                                                                    \
-            c[i] = ST(di);                                                                            \
-            S1 += ABS(di);                                                                            \
+            const S stored = ST(di); /* n is the norm of c as stored (bfloat16: rounded) */          \
+            c[i] = stored;                                                                            \
+            S1 += ABS(LD(stored));                                                                    \
         } else {                                                                                      \
             if (has_g) S0 += gi * di;                                                                 \
             S1 += di * di;                                                                            \
@@ -630,10 +674,10 @@ static int NAME(sweep_flags)(const NAME(sweep_args) *k, int base, int ftp, int n
 }
 
 /* The FTP sweeps (adam_ftp_displace, sgd_ftp_displace, ftp_displace) over rows x cols, blocks
- * of rows shared among threads: dots_r = s_r · Σ_j (c_prev ⊙ g)_rj and n_r = Σ_j |c_rj|.
- * Returns -1 without memory. */
-static int NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *dots, Py_ssize_t rows,
-                          Py_ssize_t cols, int base, int nesterov, int threads) {
+ * of rows shared among threads: dots_r = s_r · Σ_j (c_prev ⊙ g)_rj, n_r = Σ_j |c_rj| and
+ * largest = max_r n_r. Returns -1 without memory. */
+static int NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *dots, double *largest,
+                          Py_ssize_t rows, Py_ssize_t cols, int base, int nesterov, int threads) {
     const int parallel = threads > 1 && rows > 1 && rows * cols >= PARALLEL_MIN;
     const int flags = NAME(sweep_flags)(k, base, 1, nesterov);
     /* rows per block: about SPAN values, at least one row */
@@ -643,10 +687,13 @@ static int NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *d
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
     for (Py_ssize_t r = 0; r < rows; r += block)
         NAME(sweep_any)(k, r * cols, rows - r < block ? rows - r : block, cols, out + 3 * r, base, flags);
+    T most = 0; /* the row sums are >= 0 */
     for (Py_ssize_t r = 0; r < rows; r++) {
         dots[r] = (double)(s[r] * (T)out[3 * r]);
         n[r] = (T)out[3 * r + 1];
+        most = (most >= n[r] || most != most) ? most : n[r]; /* NaN propagates, as torch.max */
     }
+    *largest = (double)most;
     free(out);
     return 0;
 }

@@ -423,8 +423,10 @@ def ftp_after_step_(params, grads, anchors, states, t, *, k, scratch=None, shard
         ftp_project_(params, anchors, buffers, row_sums, radius_grads, t, states, k=k, shards=shards)
         return
     if scratch is not None and kernels_take(params, grads, anchors, buffers, rows=inv_norms):
-        radius_grads, row_sums = _ftp_displace_kernels(params, grads, anchors, buffers, inv_norms)
-        ftp_project_(params, anchors, buffers, row_sums, radius_grads, t, states, k=k, shards=shards)
+        radius_grads, largest, row_sums = _ftp_displace_kernels(params, grads, anchors, buffers, inv_norms)
+        ftp_project_(
+            params, anchors, buffers, row_sums, radius_grads, t, states, k=k, shards=shards, largest=largest
+        )
         return
     radius_grads = radius_gradients_(grads, buffers, inv_norms)
     displacements = displacements_into(buffers, params, anchors)
@@ -448,27 +450,36 @@ def radius_step_(states, radius_grads, max_norms, t):
     return updated[0]
 
 
-def ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, states, *, k, shards=None):
+def ftp_project_(
+    params, anchors, displacements, row_sums, radius_grads, t, states, *, k, shards=None, largest=None
+):
     """`ftp_finish` given each tensor's row sums ``MARS(c)`` and undamped ``∇γ`` (a vector).
 
     With ``shards`` (a `Shards`), both are this rank's partial sums: they are summed across
     the ranks first, and ``max n`` taken across them, before ``n = MARS(c) + 1e-8``, the
-    damping of ``∇γ``, the radius step and the projection.
+    damping of ``∇γ``, the radius step and the projection. ``largest``: each tensor's largest
+    row sum where the C sweeps took it (unsharded tensors, which the kernels then project).
+    ``max n = max MARS(c) + 1e-8``: adding 1e-8 rounds monotonically, so it is the largest ``n``.
     """
+    kernels = largest is not None and shards is None
     if shards is not None:
         radius_grads, row_sums = shards.sums(radius_grads, row_sums)
-    norm_list = [r + NORM_EPS for r in row_sums]
-    max_norms = torch.stack([_largest(n) for n in norm_list])
+    if not kernels:
+        largest = torch.stack([_largest(r) for r in row_sums])
     if shards is not None:
-        max_norms = shards.largest(max_norms)
+        largest = shards.largest(largest)
+    max_norms = largest + NORM_EPS
     radius_grads = damp_radius_gradient(radius_grads, k, xp=xp)
     radii = radius_step_(states, radius_grads, max_norms, t)
     inv_norms = [s["prev_inv_norm"] for s in states]
-    if _triton_ops.takes(params, anchors, displacements, norm_list, inv_norms):
-        _triton_ops.project_(params, anchors, displacements, norm_list, radii, inv_norms)
-        return
-    if kernels_take(params, anchors, displacements, rows=(norm_list, inv_norms)):
-        _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states)
+    if not kernels:
+        norm_list = [r + NORM_EPS for r in row_sums]
+        if _triton_ops.takes(params, anchors, displacements, norm_list, inv_norms):
+            _triton_ops.project_(params, anchors, displacements, norm_list, radii, inv_norms)
+            return
+    # the C sweeps checked these tensors (the row sums they wrote are made like `inv_norms`)
+    if kernels or kernels_take(params, anchors, displacements, rows=(row_sums, inv_norms)):
+        _ftp_project_kernels_(params, anchors, displacements, row_sums, radii, states)
         return
     for param, anchor, c, n, radius, state in zip(
         params, anchors, displacements, norm_list, radii.unbind(0), states, strict=True
@@ -882,10 +893,12 @@ def _adam_ftp_blocks_(
         if kernels_take(*taken, rows=inv_norms):
             lrwd = -float(lr) * weight_decay
             adam = (scale, offset, value, beta1, beta2, amsgrad, lrwd)
-            radius_grads, row_sums = _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam)
+            swept = _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam)
+            radius_grads, largest, row_sums = swept
             ftp_project_(
-                params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards
-            )
+                params, anchors, displacements, row_sums, radius_grads, t, ftp_states,
+                k=k, shards=shards, largest=largest,
+            )  # fmt: skip
             return
     radius_grads, row_sums = [], []
     for i, (p, g, m, v, v_max) in enumerate(zip(params, grads, *moments, strict=True)):
@@ -1009,11 +1022,11 @@ def kernels_take(*tensor_lists, rows=()):
         return False
     rows = rows if isinstance(rows, tuple) else (rows,)
     wanted = [(tensors, dtype) for tensors in tensor_lists] + [(r, statistics_dtype(dtype)) for r in rows]
-    return all(
-        x is None or (x.device.type == "cpu" and x.dtype == want and x.is_contiguous() and x.numel() > 0)
-        for tensors, want in wanted
-        for x in tensors
-    )
+    for tensors, want in wanted:  # a plain loop: this runs every step over every tensor
+        for x in tensors:
+            if x is not None and not (x.is_cpu and x.dtype == want and x.is_contiguous() and x.numel()):
+                return False
+    return True
 
 
 def _ftp_sweep_outputs(inv_norms):
@@ -1022,6 +1035,11 @@ def _ftp_sweep_outputs(inv_norms):
     sweeps: once a tensor is updated, nothing can fail."""
     row_sums = [torch.empty_like(s) for s in inv_norms]
     return row_sums, torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+
+
+def _swept(swept, dtype):
+    """The FTP sweeps' ``(∇γ, largest row sum)`` per tensor as two vectors of `statistics_dtype`."""
+    return tuple(torch.tensor(values, dtype=statistics_dtype(dtype)) for values in zip(*swept, strict=True))
 
 
 def _rows_cols(x):
@@ -1034,19 +1052,19 @@ def _address(x):
     return 0 if x is None else x.data_ptr()
 
 
-def _ftp_project_kernels_(params, anchors, displacements, norm_list, radii, states):
+def _ftp_project_kernels_(params, anchors, displacements, row_sums, radii, states):
     """The projection loop of `ftp_project_` in C, one call per tensor; ``radii`` from `radius_step_`,
-    ``norm_list`` the norms ``n = MARS(c) + 1e-8``."""
+    ``row_sums`` each tensor's ``MARS(c)`` (the kernel adds the norms' 1e-8)."""
     code = _KERNEL_DTYPES[params[0].dtype]
     threads = torch.get_num_threads()
     n_dtype = statistics_dtype(params[0].dtype)  # the radius as the kernel's arithmetic takes it
     inv_norms = [state["prev_inv_norm"] for state in states]
     for p, a, c, n, radius, s in zip(
-        params, anchors, displacements, norm_list, radii.to(n_dtype).tolist(), inv_norms, strict=True
+        params, anchors, displacements, row_sums, radii.to(n_dtype).tolist(), inv_norms, strict=True
     ):
         rows, cols = _rows_cols(p)
         addresses = (p.data_ptr(), _address(a), c.data_ptr(), n.data_ptr(), s.data_ptr())
-        _kernels.ftp_project(code, *addresses, radius, rows, cols, threads)
+        _kernels.ftp_project(code, *addresses, radius, NORM_EPS, rows, cols, threads)
     # the kernels wrote through addresses: tell autograd, as an in-place op would have
     torch.autograd.graph.increment_version(params + inv_norms)
 
@@ -1074,20 +1092,23 @@ def _sgd_ftp_kernels_(
     displacements = [state["prev_displacement"] for state in ftp_states]
     inv_norms = [state["prev_inv_norm"] for state in ftp_states]
     row_sums, dots = _ftp_sweep_outputs(inv_norms)
-    radius_grads = []
+    swept = []
     for p, g, b, a, c, s, n, first in zip(
         params, grads, buffers, anchors, displacements, inv_norms, row_sums, (t == 1).tolist(), strict=True
     ):
         rows, cols = _rows_cols(p)
         coefficient = 1.0 if first else 1.0 - dampening  # b = u on the first step
-        radius_grads.append(_kernels.sgd_ftp_displace(
+        swept.append(_kernels.sgd_ftp_displace(
             code, p.data_ptr(), g.data_ptr(), _address(b if momentum != 0 else None), _address(a),
             c.data_ptr(), s.data_ptr(), n.data_ptr(), dots.data_ptr(), rows, cols, lr, momentum,
             coefficient, weight_decay, nesterov, threads,
         ))  # fmt: skip
     torch.autograd.graph.increment_version(displacements + [b for b in buffers if b is not None])
-    radius_grads = torch.tensor(radius_grads, dtype=statistics_dtype(params[0].dtype))
-    ftp_project_(params, anchors, displacements, row_sums, radius_grads, t, ftp_states, k=k, shards=shards)
+    radius_grads, largest = _swept(swept, params[0].dtype)
+    ftp_project_(
+        params, anchors, displacements, row_sums, radius_grads, t, ftp_states,
+        k=k, shards=shards, largest=largest,
+    )  # fmt: skip
 
 
 def _adam_moments_taken(moments, amsgrad):
@@ -1109,7 +1130,7 @@ def _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam):
     """`_adam_ftp_blocks_` in C: one sweep per tensor (Adam, ``∇γ``, ``c``, ``MARS(c)``).
 
     ``adam`` is ``(scale, offset, value, beta1, beta2, amsgrad, lrwd)``: `adam_coefficients`,
-    the betas and ``−lr·wd``. Returns ``(∇γ, MARS(c))``, the radius gradients undamped.
+    the betas and ``−lr·wd``. Returns ``(∇γ, max MARS(c), MARS(c))`` (`_swept`).
     """
     scale, offset, value, beta1, beta2, amsgrad, lrwd = adam
     code = _KERNEL_DTYPES[params[0].dtype]
@@ -1117,20 +1138,20 @@ def _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam):
     displacements = [state["prev_displacement"] for state in ftp_states]
     inv_norms = [state["prev_inv_norm"] for state in ftp_states]
     row_sums, dots = _ftp_sweep_outputs(inv_norms)
-    radius_grads = []
+    swept = []
     for p, g, m, v, v_max, a, c, s, n, scale_i, offset_i in zip(
         params, grads, *moments, anchors, displacements, inv_norms, row_sums, scale.tolist(), offset.tolist(),
         strict=True,
     ):  # fmt: skip
         rows, cols = _rows_cols(p)
-        radius_grads.append(_kernels.adam_ftp_displace(
+        swept.append(_kernels.adam_ftp_displace(
             code, p.data_ptr(), *_adam_addresses(g, m, v, v_max, amsgrad), _address(a), c.data_ptr(),
             s.data_ptr(), n.data_ptr(), dots.data_ptr(), rows, cols, beta1, beta2, scale_i, offset_i,
             float(value), lrwd, threads,
         ))  # fmt: skip
     torch.autograd.graph.increment_version(displacements)
     _bump_moments(moments, amsgrad)
-    return torch.tensor(radius_grads, dtype=statistics_dtype(params[0].dtype)), row_sums
+    return *_swept(swept, params[0].dtype), row_sums
 
 
 def _adam_spd_kernels_(params, grads, moments, anchors, scale, offset, value, beta1, beta2, amsgrad):
@@ -1152,19 +1173,20 @@ def _adam_spd_kernels_(params, grads, moments, anchors, scale, offset, value, be
 
 
 def _ftp_displace_kernels(params, grads, anchors, displacements, inv_norms):
-    """`ftp_after_step_`'s sweep in C, one per tensor (``∇γ``, ``c``, ``MARS(c)``); returns ``(∇γ, MARS(c))``."""
+    """`ftp_after_step_`'s sweep in C, one per tensor (``∇γ``, ``c``, ``MARS(c)``); returns
+    ``(∇γ, max MARS(c), MARS(c))`` (`_swept`)."""
     code = _KERNEL_DTYPES[params[0].dtype]
     threads = torch.get_num_threads()
     row_sums, dots = _ftp_sweep_outputs(inv_norms)
-    radius_grads = []
+    swept = []
     for p, g, a, c, s, n in zip(params, grads, anchors, displacements, inv_norms, row_sums, strict=True):
         rows, cols = _rows_cols(p)
-        radius_grads.append(_kernels.ftp_displace(
+        swept.append(_kernels.ftp_displace(
             code, p.data_ptr(), g.data_ptr(), _address(a), c.data_ptr(), s.data_ptr(), n.data_ptr(),
             dots.data_ptr(), rows, cols, threads,
         ))  # fmt: skip
     torch.autograd.graph.increment_version(displacements)
-    return torch.tensor(radius_grads, dtype=statistics_dtype(params[0].dtype)), row_sums
+    return *_swept(swept, params[0].dtype), row_sums
 
 
 def _spd_sums_kernels(params, anchors, grads):

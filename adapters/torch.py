@@ -19,6 +19,7 @@ Parameters may be DTensors (FSDP2's ``fully_shard``, ``distribute_tensor``): a s
 the local shards, and a few collectives per step sum the per-tensor statistics across the ranks.
 """
 
+import functools
 import math
 import sys
 import warnings
@@ -136,14 +137,16 @@ def _check_layout(owner, name, p):
     """
     if getattr(p, "_fsdp_flattened", False):
         raise ValueError(
-            f"{owner}: parameter {name} is a flattened shard of FullyShardedDataParallel (FSDP1). "
+            f"{owner}: parameter {_named(name)} is a flattened shard of FullyShardedDataParallel (FSDP1). "
             "FTP's norms are per row and per tensor and SPD's per tensor, and a flat shard holds "
             "pieces of several tensors, flattened: the step would take them over the wrong numbers. "
             "Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor "
             "parameters keep their shapes."
         )
     if _is_sharded(p) and any(placement.is_partial() for placement in p.placements):
-        raise ValueError(f"{owner}: parameter {name} is a DTensor with a Partial placement {p.placements}")
+        raise ValueError(
+            f"{owner}: parameter {_named(name)} is a DTensor with a Partial placement {p.placements}"
+        )
 
 
 def _shards(params):
@@ -208,7 +211,7 @@ def _check_dtype(owner, name, p):
 def _expected_shape(key, p):
     """The shape the state ``key`` of parameter ``p`` must have, or ``None`` for a key not checked."""
     if key in _FULL_KEYS:
-        return tuple(p.shape)
+        return p.shape
     if key == "prev_inv_norm":
         return ops.mars_shape(p)
     if key in _SCALAR_KEYS:
@@ -237,34 +240,47 @@ def _check_state(owner, name, p, state, *, device=True):
     """Each state tensor of ``p`` has its shape (and, with ``device``, its device); anchors its dtype;
     a DTensor parameter's full-size state is sharded as it is.
 
+    ``name`` is the parameter's name, or a function of none that makes it (only an error needs it).
+    Runs before every step, so the common case (no DTensor, the state as it was made) does little.
+
     Raises:
         ValueError: naming the parameter and the key.
     """
+    dtensor = _dtensor_class()
+    sharded = dtensor is not None and isinstance(p, dtensor)
+    where = p.device
     for key, value in state.items():
         expected = _expected_shape(key, p)
         if expected is None:
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"{owner}: the {key!r} of parameter {name} is a {type(value).__name__}, not a tensor"
+                f"{owner}: the {key!r} of parameter {_named(name)} is a {type(value).__name__}, not a tensor"
             )
-        wrong = tuple(value.shape) != expected or (key == "anchor" and value.dtype != p.dtype)
-        if wrong or (device and value.device != p.device):
+        wrong = value.shape != expected or (key == "anchor" and value.dtype != p.dtype)
+        if wrong or (device and value.device != where):
             raise ValueError(
-                f"{owner}: the {key!r} of parameter {name} is {tuple(value.shape)} {value.dtype}"
+                f"{owner}: the {key!r} of parameter {_named(name)} is {tuple(value.shape)} {value.dtype}"
                 + (f" on {value.device}" if device else "")
-                + f"; it must be {expected}"
+                + f"; it must be {tuple(expected)}"
                 + (f" {p.dtype}" if key == "anchor" else "")
                 + (f" on {p.device}" if device else "")
                 + " (a state of another model or optimizer, or a model moved after the optimizer was built)"
             )
+        if not (sharded or (dtensor is not None and isinstance(value, dtensor))):
+            continue  # a plain tensor for a plain parameter: the layouts agree
         expected_layout = _expected_layout(key, p)
         if _layout(value) != expected_layout:
             raise ValueError(
-                f"{owner}: the {key!r} of parameter {name} is {_describe_layout(_layout(value))}; it must "
-                f"be {_describe_layout(expected_layout)} (load the state of sharded parameters with "
+                f"{owner}: the {key!r} of parameter {_named(name)} is {_describe_layout(_layout(value))}; it "
+                f"must be {_describe_layout(expected_layout)} (load the state of sharded parameters with "
                 "torch.distributed.checkpoint, which shards it as they are)"
             )
+
+
+def _named(name):
+    """A parameter's name given as a string or as a function that makes it."""
+    return name() if callable(name) else name
 
 
 def _zero_anchor_warning(owner, names):
@@ -374,18 +390,19 @@ class _Anchored(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                name = self._name(group, gi, i)
-                _check_dtype(owner, name, p)
+                name = functools.partial(self._name, group, gi, i)  # made only for an error
+                if not p.is_floating_point():
+                    _check_dtype(owner, name(), p)
                 _check_layout(owner, name, p)
                 if g.is_sparse:
                     raise TypeError(
-                        f"{owner}: parameter {name} has a sparse gradient, which is not supported"
+                        f"{owner}: parameter {name()} has a sparse gradient, which is not supported"
                     )
-                if torch.is_complex(g):
-                    raise TypeError(f"{owner}: the gradient of parameter {name} is complex")
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    if torch.is_complex(g):
+                        raise TypeError(f"{owner}: the gradient of parameter {name()} is complex")
                     raise ValueError(
-                        f"{owner}: the gradient of parameter {name} is {tuple(g.shape)} {g.dtype} "
+                        f"{owner}: the gradient of parameter {name()} is {tuple(g.shape)} {g.dtype} "
                         f"on {g.device}, the parameter {tuple(p.shape)} {p.dtype} on {p.device}"
                     )
                 named.append((name, p))

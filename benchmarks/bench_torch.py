@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Step time and state memory of tether's torch optimizers against torch.optim's foreach baselines.
+"""Step time and state memory of tether's torch optimizers against torch.optim's fused baselines (foreach a second column).
 
 The measuring code is `tether._bench_torch` (so that `tether bench` has it after a plain
 install); this script keeps its command line:

@@ -196,11 +196,12 @@ def test_bfloat16_is_computed_in_float32_and_stored_rounded_to_nearest_even(kern
         assert_same_bfloat16(got, expected.bfloat16())
     ties = (p.float() * torch.tensor(keep)).view(torch.int32) & 0xFFFF == 0x8000
     assert ties.sum() > 20  # where rounding half up would differ
-    # the projection, its per-row norms and 1 / n in float32
-    c, n, s = torch.randn(3, 1000, generator=gen).bfloat16(), torch.rand(3) + 0.5, torch.zeros(3)
+    # the projection, its per-row norms (row sums + eps) and 1 / n in float32
+    c, sums, s = torch.randn(3, 1000, generator=gen).bfloat16(), torch.rand(3) + 0.5, torch.zeros(3)
     got = torch.empty_like(c)
-    kernels.ftp_project(2, got.data_ptr(), a[:3000].data_ptr(), c.data_ptr(), n.data_ptr(), s.data_ptr(), 0.8,
-                        3, 1000, 2)  # fmt: skip
+    kernels.ftp_project(2, got.data_ptr(), a[:3000].data_ptr(), c.data_ptr(), sums.data_ptr(), s.data_ptr(),
+                        0.8, 1e-3, 3, 1000, 2)  # fmt: skip
+    n = sums + 1e-3
     scale = torch.clamp(0.8 / n, 0, 1)[:, None]
     expected = a[:3000].float().reshape(3, 1000) + scale * c.float()
     assert_same_bfloat16(got, expected.bfloat16())
@@ -211,7 +212,7 @@ def test_bfloat16_is_computed_in_float32_and_stored_rounded_to_nearest_even(kern
 @pytest.mark.parametrize("anchor", ["init", "zero"])
 def test_large_tensors_equal_single_pass(anchor, dtype):
     """Tensors of 4 MiB and more take the projection's streaming stores; rows of an odd length
-    start off the 16-byte boundary those need."""
+    start off the cache-line boundary those begin at."""
     shapes = [(1100 if dtype == torch.float32 else 550, 1001)]
     assert_kernels_match(SGDFTP, dict(lr=0.05, momentum=0.9), anchor, dtype, steps=3, shapes=shapes)
 
@@ -382,13 +383,38 @@ def test_nan_gradients_give_what_the_pytorch_path_gives(make, options):
         torch.testing.assert_close(p, q, equal_nan=True, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_an_ftp_sweep_returns_its_largest_row_sum(kernels, dtype):
+    """The radius's clip takes ``max n = max MARS(c) + 1e-8`` from the sweep (adding 1e-8 rounds
+    monotonically, so it is the largest ``n``); a NaN row sum gives NaN, as ``torch.max``."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = 7, 300
+    stats = _torch_ops.statistics_dtype(dtype)
+    for poisoned in (False, True):
+        p, g, a = (torch.randn(rows, cols, generator=gen).to(dtype) for _ in range(3))
+        if poisoned:
+            p[3, 5] = float("nan")
+        c = torch.zeros_like(p)
+        s, n = torch.ones(rows, dtype=stats), torch.empty(rows, dtype=stats)
+        dots = torch.empty(rows, dtype=torch.float64)
+        addresses = [x.data_ptr() for x in (p, g, a, c, s, n, dots)]
+        _, largest = kernels.ftp_displace(_torch_ops._KERNEL_DTYPES[dtype], *addresses, rows, cols, 2)
+        torch.testing.assert_close(c, p - a, rtol=0.0, atol=0.0, equal_nan=True)
+        # the norm of c as stored (a bfloat16 c rounded), summed in float32 or float64
+        torch.testing.assert_close(n, c.to(stats).abs().sum(1), equal_nan=True, rtol=1e-6, atol=0.0)
+        if poisoned:
+            assert n.isnan().sum() == 1 and largest != largest
+        else:
+            assert largest == n.max().item() > 0
+
+
 def test_the_kernels_check_their_arguments(kernels):
     x = torch.zeros(4)
     address = x.data_ptr()
     with pytest.raises(ValueError, match="dtype code"):
-        kernels.ftp_project(3, address, 0, address, address, address, 1.0, 1, 4, 1)
+        kernels.ftp_project(3, address, 0, address, address, address, 1.0, 1e-8, 1, 4, 1)
     with pytest.raises(ValueError, match="rows must be"):
-        kernels.ftp_project(0, address, 0, address, address, address, 1.0, 0, 4, 1)
+        kernels.ftp_project(0, address, 0, address, address, address, 1.0, 1e-8, 0, 4, 1)
     with pytest.raises(TypeError):
         kernels.sgd_ftp_displace(0, address)
     with pytest.raises(ValueError, match="dtype code"):
