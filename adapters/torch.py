@@ -405,6 +405,7 @@ class _Anchored(Optimizer):
                         f"{owner}: the gradient of parameter {name()} is {tuple(g.shape)} {g.dtype} "
                         f"on {g.device}, the parameter {tuple(p.shape)} {p.dtype} on {p.device}"
                     )
+                self._check_gradient(group, name, p, g)
                 named.append((name, p))
                 if p.numel() == 0:
                     continue
@@ -419,6 +420,9 @@ class _Anchored(Optimizer):
         for group in self.param_groups:
             self._adopt_anchors(group)
         return work
+
+    def _check_gradient(self, group, name, p, g):
+        """What the method needs of a gradient beyond its shape, dtype and device (``name``: `_named`)."""
 
     @staticmethod
     def _buckets(params, grads):
@@ -989,6 +993,22 @@ class _Wrapper(_Anchored):
         super().__init__(optimizer.param_groups, {**optimizer.defaults, **defaults})
         # one list: a group added through either optimizer is seen by both
         self.param_groups = optimizer.param_groups
+
+    def _check_gradient(self, group, name, p, g):
+        """A fused CPU base (``fused=True``) reads the parameter and the gradient in memory order
+        (torch 2.13, unlike CUDA's fused kernels, does not check): their layouts must agree, or the
+        wrapped step would be silently wrong."""
+        if not group.get("fused") or p.device.type != "cpu":
+            return
+        contiguous = p.is_contiguous()
+        if contiguous != g.is_contiguous() or (not contiguous and g.stride() != p.stride()):
+            raise ValueError(
+                f"{type(self).__name__}: the gradient of parameter {_named(name)} has strides {g.stride()}, "
+                f"the parameter {p.stride()}. The wrapped {type(self.optimizer).__name__}(fused=True) reads "
+                "both in memory order on the CPU, so its step would be wrong: give the gradient the "
+                "parameter's layout (p.grad = p.grad.contiguous() for a contiguous parameter) or build "
+                "the base without fused=True"
+            )
 
     def add_param_group(self, param_group):
         if getattr(self, "param_groups", None) is not self.optimizer.param_groups:

@@ -158,6 +158,38 @@ def test_a_bad_tensor_in_a_later_group_changes_nothing(kind):
     _assert_same_state(before_state, opt.state_dict())
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda ps: FTP(torch.optim.AdamW(ps, lr=0.05, fused=True)),
+        lambda ps: SPD(torch.optim.Adam(ps, lr=0.05, fused=True), weight_decay=1.0),
+        lambda ps: L2SP(torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True), alpha=0.5),
+    ],
+    ids=["FTP(AdamW)", "SPD(Adam)", "L2SP(SGD)"],
+)
+def test_a_fused_cpu_base_refuses_a_gradient_laid_out_unlike_its_parameter(wrap):
+    """torch's fused CPU kernels read the parameter and the gradient in memory order: a transposed
+    gradient of a contiguous parameter would be read as another matrix. Refused by name, before
+    anything changes; a gradient of the parameter's layout (a transposed parameter's too) steps."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = wrap([p])
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    before, state = p.detach().clone(), _state_snapshot(opt)
+    p.grad = torch.randn(4, 6).t()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*memory order"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    _assert_same_state(state, opt.state_dict())
+    p.grad = p.grad.contiguous()
+    opt.step()
+    q = torch.nn.Parameter(torch.randn(4, 6).t())  # a transposed parameter, its gradient alike
+    opt = wrap([q])
+    q.grad = torch.randn(4, 6).t()
+    opt.step()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_malformed_state_is_caught_before_the_step(kind):
     """A wrong-shaped state tensor used to fail after the wrapped optimizer had already stepped."""
