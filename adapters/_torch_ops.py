@@ -893,8 +893,9 @@ def _adam_ftp_blocks_(
         if kernels_take(*taken, rows=inv_norms):
             lrwd = -float(lr) * weight_decay
             adam = (scale, offset, value, beta1, beta2, amsgrad, lrwd)
-            swept = _adam_ftp_kernels_(params, grads, moments, anchors, ftp_states, adam)
-            radius_grads, largest, row_sums = swept
+            radius_grads, largest, row_sums = _adam_ftp_kernels_(
+                params, grads, moments, anchors, ftp_states, adam
+            )
             ftp_project_(
                 params, anchors, displacements, row_sums, radius_grads, t, ftp_states,
                 k=k, shards=shards, largest=largest,
