@@ -38,11 +38,15 @@ __all__ = ["FTP", "L2SP", "MARSSP", "SGDFTP", "SPD", "TPGM", "AdamFTP", "AdamSPD
 
 ANCHOR_MODES = ("init", "zero", None)
 #: 0-d state: the step count, FTP's radius and its moments.
-_SCALAR_KEYS = ("step", "radius", "radius_exp_avg", "radius_exp_avg_sq", "spd_ratio", "spd_decayed")
+_SCALAR_KEYS = frozenset(
+    ("step", "radius", "radius_exp_avg", "radius_exp_avg_sq", "spd_ratio", "spd_decayed")
+)
 #: Keys kept out of ``Optimizer.load_state_dict``'s cast to the parameter's dtype (at least float32).
 _KEPT_KEYS = (*_SCALAR_KEYS, "prev_inv_norm")
 #: Full-size state keys whose shape must equal the parameter's.
-_FULL_KEYS = ("anchor", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "prev_displacement")
+_FULL_KEYS = frozenset(
+    ("anchor", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "prev_displacement")
+)
 
 
 def _compute_dtype(dtype):
@@ -213,10 +217,16 @@ def _expected_shape(key, p):
     if key in _FULL_KEYS:
         return p.shape
     if key == "prev_inv_norm":
-        return ops.mars_shape(p)
+        return _rows_shape(p.shape)
     if key in _SCALAR_KEYS:
         return ()
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows_shape(shape):
+    """``ops.mars_shape`` of a tensor of ``shape`` (a ``torch.Size``), remembered: it is checked at every step."""
+    return torch.Size(core.mars_shape(shape))
 
 
 def _layout(x):
@@ -249,8 +259,10 @@ def _check_state(owner, name, p, state, *, device=True):
     dtensor = _dtensor_class()
     sharded = dtensor is not None and isinstance(p, dtensor)
     where = p.device
+    shape = p.shape
     for key, value in state.items():
-        expected = _expected_shape(key, p)
+        # the common keys inline: this loop runs for every state tensor at every step
+        expected = shape if key in _FULL_KEYS else () if key in _SCALAR_KEYS else _expected_shape(key, p)
         if expected is None:
             continue
         if not isinstance(value, torch.Tensor):
