@@ -208,6 +208,60 @@ def test_bfloat16_is_computed_in_float32_and_stored_rounded_to_nearest_even(kern
     assert torch.equal(s, 1 / n)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(momentum=0.9), dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.9, nesterov=True)],
+    ids=["plain", "momentum", "weight-decay", "nesterov"],
+)
+@pytest.mark.parametrize("anchored", [True, False], ids=["anchor", "zero-anchor"])
+def test_the_bfloat16_sgd_ftp_sweep_is_float32_arithmetic_rounded_once(kernels, options, anchored):
+    """SGD-FTP's bfloat16 sweep (AVX2 where the CPU has it) stores, bit for bit, SGD's float32
+    arithmetic rounded once (momentum buffer, ``c``); ``MARS(c)`` is of ``c`` as stored and ``∇γ``
+    is ``Σ_r s_r ⟨c_prev, g⟩_r``. Rows of 1037 values end off the 16-value vectors."""
+    gen = torch.Generator().manual_seed(1)
+    rows, cols = 5, 1037
+    p, g, b, a, c_prev = (torch.randn(rows, cols, generator=gen).bfloat16() for _ in range(5))
+    s, n = torch.rand(rows, generator=gen) + 0.5, torch.empty(rows)
+    dots = torch.empty(rows, dtype=torch.float64)
+    lr, momentum, coefficient = 0.05, options.get("momentum", 0.0), 0.7
+    weight_decay, nesterov = options.get("weight_decay", 0.0), options.get("nesterov", False)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731 (the kernel's scalars are float32)
+    d = g.float() + f32(weight_decay) * p.float() if weight_decay else g.float()
+    buffer = f32(momentum) * b.float() + f32(coefficient) * d
+    if momentum:
+        d = d + f32(momentum) * buffer if nesterov else buffer
+    c = ((p.float() - a.float()) if anchored else p.float()) + -(f32(lr) * d)
+    got_b, got_c = b.clone(), c_prev.clone()
+    swept = kernels.sgd_ftp_displace(
+        2, p.data_ptr(), g.data_ptr(), got_b.data_ptr() if momentum else 0, a.data_ptr() if anchored else 0,
+        got_c.data_ptr(), s.data_ptr(), n.data_ptr(), dots.data_ptr(), rows, cols, lr, momentum, coefficient,
+        weight_decay, nesterov, 1,
+    )  # fmt: skip
+    assert_same_bfloat16(got_c, c.bfloat16())
+    assert_same_bfloat16(got_b, buffer.bfloat16() if momentum else b)
+    torch.testing.assert_close(n, got_c.float().abs().sum(1), rtol=1e-6, atol=0.0)
+    radius_grad = (s.double() * (c_prev.double() * g.double()).sum(1)).sum().item()
+    assert swept[0] == pytest.approx(radius_grad, rel=1e-5)
+    assert swept[1] == n.max().item()
+
+
+def test_a_large_bfloat16_projection_is_rounded_once(kernels):
+    """A bfloat16 tensor of 4 MiB and more takes the projection's streaming stores (AVX2 where
+    the CPU has it), from the first cache line of each row; the result is the same bits."""
+    gen = torch.Generator().manual_seed(2)
+    rows, cols = 1100, 1907
+    a, c = (torch.randn(rows, cols, generator=gen).bfloat16() for _ in range(2))
+    sums, s = torch.rand(rows, generator=gen) * 2, torch.zeros(rows)
+    assert a.numel() * a.element_size() >= 4 << 20
+    for anchor in (a, None):
+        got = torch.empty_like(c)
+        kernels.ftp_project(2, got.data_ptr(), _torch_ops._address(anchor), c.data_ptr(), sums.data_ptr(),
+                            s.data_ptr(), 0.8, 1e-8, rows, cols, 2)  # fmt: skip
+        scale = torch.clamp(torch.tensor(0.8) / (sums + 1e-8), 0, 1)[:, None]  # float32 / float32
+        expected = scale * c.float() if anchor is None else anchor.float() + scale * c.float()
+        assert_same_bfloat16(got, expected.bfloat16())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("anchor", ["init", "zero"])
 def test_large_tensors_equal_single_pass(anchor, dtype):
