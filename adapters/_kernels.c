@@ -221,22 +221,17 @@ static inline int bf16_avx2(void) {
     return 0;
 #endif
 }
-static inline Py_ssize_t stream_bf16(uint16_t *p, const uint16_t *a, const uint16_t *c, float scale, Py_ssize_t j,
-                                     Py_ssize_t cols) {
+/* the projection's vector loop for bfloat16 (`STREAM`, `PLAIN`): AVX2's where the CPU has it, else none */
+static inline Py_ssize_t project_bf16_vector(uint16_t *p, const uint16_t *a, const uint16_t *c, float scale,
+                                             Py_ssize_t j, Py_ssize_t cols, int stream) {
 #if BF16_AVX2
-    if (bf16_avx2()) return project_bf16_avx2(p, a, c, scale, j, cols, 1);
+    if (bf16_avx2()) return project_bf16_avx2(p, a, c, scale, j, cols, stream);
 #endif
-    (void)p, (void)a, (void)c, (void)scale, (void)cols;
-    return j; /* no streaming stores for bfloat16 without AVX2: plain ones */
+    (void)p, (void)a, (void)c, (void)scale, (void)cols, (void)stream;
+    return j; /* the scalar loops do it all: no streaming stores for bfloat16 without AVX2 */
 }
-static inline Py_ssize_t plain_bf16(uint16_t *p, const uint16_t *a, const uint16_t *c, float scale, Py_ssize_t j,
-                                    Py_ssize_t cols) {
-#if BF16_AVX2
-    if (bf16_avx2()) return project_bf16_avx2(p, a, c, scale, j, cols, 0);
-#endif
-    (void)p, (void)a, (void)c, (void)scale, (void)cols;
-    return j;
-}
+#define STREAM_BF16(p, a, c, scale, j, cols) project_bf16_vector(p, a, c, scale, j, cols, 1)
+#define PLAIN_BF16(p, a, c, scale, j, cols) project_bf16_vector(p, a, c, scale, j, cols, 0)
 /* float32 and float64: GCC vectorises the projection's plain loop as it is */
 #define PLAIN_NONE(p, a, c, scale, j, cols) (j)
 
@@ -275,8 +270,8 @@ typedef float compute_bf16;
 #define ABS fabsf
 #define SQRT sqrtf
 #define NAME(x) x##_bf16
-#define STREAM stream_bf16
-#define PLAIN plain_bf16
+#define STREAM STREAM_BF16
+#define PLAIN PLAIN_BF16
 #define SWEEP_AVX2 BF16_AVX2 /* SGD-FTP's sweep in AVX2 (`sgd_ftp_avx2`) */
 #include "_kernels.c" /* this file again, with T defined; it undefines these at its end */
 

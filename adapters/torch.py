@@ -212,12 +212,12 @@ def _check_dtype(owner, name, p):
         raise TypeError(f"{owner}: parameter {name} has dtype {p.dtype}; expected a floating-point dtype")
 
 
-def _expected_shape(key, p):
-    """The shape the state ``key`` of parameter ``p`` must have, or ``None`` for a key not checked."""
+def _expected_shape(key, shape):
+    """The shape the state ``key`` of a parameter of ``shape`` must have, or ``None`` for a key not checked."""
     if key in _FULL_KEYS:
-        return p.shape
+        return shape
     if key == "prev_inv_norm":
-        return _rows_shape(p.shape)
+        return _rows_shape(shape)
     if key in _SCALAR_KEYS:
         return ()
     return None
@@ -261,8 +261,7 @@ def _check_state(owner, name, p, state, *, device=True):
     where = p.device
     shape = p.shape
     for key, value in state.items():
-        # the common keys inline: this loop runs for every state tensor at every step
-        expected = shape if key in _FULL_KEYS else () if key in _SCALAR_KEYS else _expected_shape(key, p)
+        expected = _expected_shape(key, shape)
         if expected is None:
             continue
         if not isinstance(value, torch.Tensor):
