@@ -87,8 +87,7 @@ def update(optimizer, grads, variables, learning_rate):
     lr = ops.convert_to_tensor(learning_rate)
     for (mode, dtype, device, _), (indices, params, bucket_grads) in buckets.items():
         steps = [optimizer._steps[i].value for i in indices]
-        torch._foreach_add_(steps, 1)
-        t = _torch_ops.steps_vector(steps, dtype)
+        t = _torch_ops.advance_steps_(steps, dtype)
         optimizer._torch_step(mode, indices, params, bucket_grads, t, lr.to(dtype=dtype, device=device))
 
 

@@ -35,6 +35,8 @@
  *   dot:              Σ a · b over a whole tensor (Σ a² without b), in spans of SPAN values
  *                     whose sums are added up in order: the same bits for any thread count
  *                     (MKL's dot, under torch.dot, splits its sum by the thread count).
+ *   scalars:          the 0-d tensors of a bucket (step counts, radii, SPD's records) read into a
+ *                     vector, written from one or advanced by one, in one call.
  *
  * The sweeps are one loop body (SWEEP_ONE) specialised by constant flags, vectorised by
  * `omp simd` and compiled for AVX-512 and AVX2 as well as the x86-64 baseline (picked at load).
@@ -477,6 +479,95 @@ static PyObject *spd_decay(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A scalar of dtype code `code` at `address` (0 float32, 1 float64, 3 bool, 4 int64, 5 int32), as a
+ * double (a step count, exact below 2^53). */
+static inline double scalar_get(int code, const void *address) {
+    if (code == 0) return *(const float *)address;
+    if (code == 1) return *(const double *)address;
+    if (code == 4) return (double)*(const int64_t *)address;
+    if (code == 5) return *(const int32_t *)address;
+    return *(const uint8_t *)address != 0;
+}
+
+static inline void scalar_set(int code, void *address, double value) {
+    if (code == 0)
+        *(float *)address = (float)value; /* to nearest, as copy_ from float64 */
+    else if (code == 1)
+        *(double *)address = value;
+    else if (code == 4)
+        *(int64_t *)address = (int64_t)value;
+    else if (code == 5)
+        *(int32_t *)address = (int32_t)value;
+    else
+        *(uint8_t *)address = value != 0;
+}
+
+/* scalars: many 0-d tensors (the per-tensor step counts, radii and SPD's records) read into a
+ * vector, written from one or advanced by one, in one call: PyTorch's foreach ops on 0-d tensors
+ * pay a dispatch per tensor (about 2 us each on a CPU). */
+static PyObject *scalars(PyObject *self, PyObject *args) {
+    (void)self;
+    int code, vector_code, mode;
+    PyObject *addresses;
+    unsigned long long vector;
+    if (!PyArg_ParseTuple(args, "iOiKi", &code, &addresses, &vector_code, &vector, &mode)) return NULL;
+    if (code < 0 || code > 5 || code == 2 || vector_code < 0 || vector_code > 3 || vector_code == 2) {
+        PyErr_Format(PyExc_ValueError,
+                     "scalar dtype codes must be 0 (float32), 1 (float64), 3 (bool), 4 (int64) or 5 (int32; not a vector's), "
+                     "got %d, %d", code, vector_code);
+        return NULL;
+    }
+    if (mode < 0 || mode > 2 || (mode == 2 && code == 3)) {
+        PyErr_Format(PyExc_ValueError, "mode must be 0 (read), 1 (write) or 2 (advance a number), got %d", mode);
+        return NULL;
+    }
+    PyObject *items = PySequence_Fast(addresses, "addresses must be a sequence of integers");
+    if (!items) return NULL;
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+    void **targets = malloc((count > 0 ? count : 1) * sizeof(void *));
+    if (!targets) {
+        Py_DECREF(items);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) { /* every address parsed before anything is written */
+        targets[i] = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(items, i));
+        if (!targets[i]) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "an address is 0");
+            free(targets);
+            Py_DECREF(items);
+            return NULL;
+        }
+    }
+    Py_DECREF(items);
+    if (count > 0 && !vector) {
+        free(targets);
+        PyErr_SetString(PyExc_ValueError, "the vector's address is 0");
+        return NULL;
+    }
+    const size_t width = vector_code == 0 ? sizeof(float) : vector_code == 1 ? sizeof(double) : 1;
+    char *values = (char *)vector;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        void *x = targets[i];
+        if (mode == 0) {
+            scalar_set(vector_code, values + i * width, scalar_get(code, x));
+        } else if (mode == 1) {
+            scalar_set(code, x, scalar_get(vector_code, values + i * width));
+        } else { /* in the step count's own dtype, as torch._foreach_add_(steps, 1) */
+            if (code == 0)
+                *(float *)x += 1.0f;
+            else if (code == 1)
+                *(double *)x += 1.0;
+            else if (code == 4)
+                *(int64_t *)x += 1;
+            else
+                *(int32_t *)x += 1;
+            scalar_set(vector_code, values + i * width, scalar_get(code, x));
+        }
+    }
+    free(targets);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"adam_ftp_displace", adam_ftp_displace, METH_VARARGS,
      "adam_ftp_displace(dtype, p, g, m, v, vm, a, c, s, n, dots, rows, cols, beta1, beta2, scale, offset, "
@@ -506,6 +597,10 @@ static PyMethodDef methods[] = {
     {"ftp_project", ftp_project, METH_VARARGS,
      "ftp_project(dtype, p, a, c, n, s, radius, rows, cols, threads) -> None\n\n"
      "p = a + clip(radius / n_r, 0, 1) * c_r (a = 0: a zero anchor) and s_r = 1 / n_r."},
+    {"scalars", scalars, METH_VARARGS,
+     "scalars(code, addresses, vector_code, vector, mode) -> None\n\n"
+     "0-d tensors at addresses (code 0 float32, 1 float64, 3 bool, 4 int64, 5 int32) and a vector of as many values "
+     "(vector_code): mode 0 reads them into it, 1 writes it into them, 2 adds 1 to each and reads them."},
     {"dot", dot, METH_VARARGS,
      "dot(dtype, a, b, n, threads) -> float\n\n"
      "The sum of a * b over n contiguous values (b = 0: of a * a), the same for any thread count."},

@@ -103,7 +103,7 @@ def dot(a, b, scratch=None):
         value = _kernels.dot(
             _KERNEL_DTYPES[a.dtype], a.data_ptr(), b.data_ptr(), a.numel(), torch.get_num_threads()
         )
-        return torch.tensor(value, dtype=statistics_dtype(a.dtype))
+        return torch.tensor(value, dtype=statistics_dtype(a.dtype), device="cpu")
     a, b = _widened(a), _widened(b)
     if a.device.type != "cpu":
         return torch.dot(a.reshape(-1), b.reshape(-1))
@@ -187,9 +187,53 @@ class Shards:
         return values
 
 
-def steps_vector(steps, dtype):
-    """The per-tensor step counts ``t`` stacked into a vector of the compute dtype."""
-    return torch.stack(steps).to(dtype)
+def advance_steps_(steps, dtype):
+    """Add 1 to each tensor's step count (0-d tensors) in place; return the counts ``t`` as a vector of ``dtype``.
+
+    On the CPU one C call (`_kernels.scalars`) instead of a dispatch per tensor.
+    """
+    taken = _scalar_addresses(steps)
+    if taken is None or taken[0] == _SCALAR_CODES[torch.bool] or dtype not in _VECTOR_CODES:
+        torch._foreach_add_(steps, 1)
+        return torch.stack(steps).to(dtype)
+    t = torch.empty(len(steps), dtype=dtype, device="cpu")
+    _kernels.scalars(*taken, _VECTOR_CODES[dtype], t.data_ptr(), 2)
+    torch.autograd.graph.increment_version(steps)
+    return t
+
+
+class Scalars:
+    """0-d tensors (one per parameter tensor: radii, SPD's records) read as a vector and written back.
+
+    On the CPU through `_kernels.scalars`, their addresses taken once for both, in one C call each
+    way; elsewhere ``torch.stack`` and ``torch._foreach_copy_``.
+    """
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self.taken = _scalar_addresses(tensors)
+
+    def read(self, dtype):
+        """``torch.stack(tensors).to(dtype)``."""
+        if self.taken is None or dtype not in _VECTOR_CODES:
+            return torch.stack(self.tensors).to(dtype)
+        out = torch.empty(len(self.tensors), dtype=dtype, device="cpu")
+        _kernels.scalars(*self.taken, _VECTOR_CODES[dtype], out.data_ptr(), 0)
+        return out
+
+    def write_(self, values):
+        """``tensors[i].copy_(values[i])`` from a vector (or a matrix whose rows follow one another)."""
+        plain = type(values) in _PLAIN and values.is_cpu and values.is_contiguous()
+        if (
+            self.taken is None
+            or not plain
+            or values.dtype not in _VECTOR_CODES
+            or values.numel() != len(self.tensors)
+        ):
+            torch._foreach_copy_(self.tensors, list(values.reshape(-1).unbind(0)))
+            return
+        _kernels.scalars(*self.taken, _VECTOR_CODES[values.dtype], values.data_ptr(), 1)
+        torch.autograd.graph.increment_version(self.tensors)
 
 
 # -- base steps (ALGORITHMS.md §3) --------------------------------------------------------
@@ -439,14 +483,14 @@ def radius_step_(states, radius_grads, max_norms, t):
     ``states`` are the tensors' ``optimizer.state`` dicts, whose ``radius`` and moments are
     updated; ``max_norms`` is ``max n`` of each tensor. Returns the new radii, a vector.
     """
-    keys = ("radius", "radius_exp_avg", "radius_exp_avg_sq")
-    stacked = [torch.stack([s[key] for s in states]) for key in keys]
-    scalar_state = FTPState(*stacked, prev_displacement=None, prev_inv_norm=None)
-    updated = radius_update(
-        scalar_state, radius_grads.to(stacked[0].dtype), max_norms, t.to(stacked[0].dtype), xp=xp
+    # the three keys' scalars as one (3, n) matrix: read and written by one C call each on the CPU
+    scalars = Scalars([s[key] for key in ("radius", "radius_exp_avg", "radius_exp_avg_sq") for s in states])
+    dtype = states[0]["radius"].dtype
+    scalar_state = FTPState(
+        *scalars.read(dtype).view(3, len(states)), prev_displacement=None, prev_inv_norm=None
     )
-    for key, values in zip(keys, updated, strict=True):
-        torch._foreach_copy_([s[key] for s in states], list(values.unbind(0)))
+    updated = radius_update(scalar_state, radius_grads.to(dtype), max_norms, t.to(dtype), xp=xp)
+    scalars.write_(torch.stack(updated))
     return updated[0]
 
 
@@ -511,10 +555,8 @@ def spd_keep(alignment, distance, new_distance, weight_decay, record=None):
     ratio ``r`` and whether the condition held (the optimizers' diagnostics).
     """
     if record is not None:
-        torch._foreach_copy_(
-            [s["spd_ratio"] for s in record], list(decay_ratio(new_distance, distance, xp=xp).unbind(0))
-        )
-        torch._foreach_copy_([s["spd_decayed"] for s in record], list((alignment > 0).unbind(0)))
+        Scalars([s["spd_ratio"] for s in record]).write_(decay_ratio(new_distance, distance, xp=xp))
+        Scalars([s["spd_decayed"] for s in record]).write_(alignment > 0)
     return 1 - decay_strength(SPDStatistics(alignment, distance), new_distance, weight_decay, xp=xp)
 
 
@@ -1035,12 +1077,15 @@ def _ftp_sweep_outputs(inv_norms):
     shaped as its ``prev_inv_norm``) and a float64 scratch row of the row dots. Allocated before the
     sweeps: once a tensor is updated, nothing can fail."""
     row_sums = [torch.empty_like(s) for s in inv_norms]
-    return row_sums, torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64)
+    return row_sums, torch.empty(max(s.numel() for s in inv_norms), dtype=torch.float64, device="cpu")
 
 
 def _swept(swept, dtype):
     """The FTP sweeps' ``(∇γ, largest row sum)`` per tensor as two vectors of `statistics_dtype`."""
-    return tuple(torch.tensor(values, dtype=statistics_dtype(dtype)) for values in zip(*swept, strict=True))
+    return tuple(
+        torch.tensor(values, dtype=statistics_dtype(dtype), device="cpu")
+        for values in zip(*swept, strict=True)
+    )
 
 
 def _rows_cols(x):
@@ -1051,6 +1096,30 @@ def _rows_cols(x):
 
 def _address(x):
     return 0 if x is None else x.data_ptr()
+
+
+#: The dtype codes of `_kernels.scalars`: of the 0-d tensors, and of the vectors they are read into or from.
+_SCALAR_CODES = {torch.float32: 0, torch.float64: 1, torch.bool: 3, torch.int64: 4, torch.int32: 5}
+_VECTOR_CODES = {torch.float32: 0, torch.float64: 1, torch.bool: 3}
+#: Tensors whose ``data_ptr()`` is their own memory (not a subclass: a DTensor's is not its values).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _scalar_addresses(tensors):
+    """``(code, addresses)`` of one-value CPU tensors of one dtype for `_kernels.scalars`; ``None``
+    where it cannot take them (no kernels, a traced step, another device or dtype, a subclass)."""
+    if _kernels is None or not tensors or torch.compiler.is_compiling():
+        return None
+    dtype = tensors[0].dtype
+    code = _SCALAR_CODES.get(dtype)
+    if code is None:
+        return None
+    addresses = []
+    for x in tensors:  # a plain loop: this runs every step over every tensor
+        if not (type(x) in _PLAIN and x.is_cpu and x.dtype is dtype and x.numel() == 1):
+            return None
+        addresses.append(x.data_ptr())
+    return code, addresses
 
 
 def _ftp_project_kernels_(params, anchors, displacements, row_sums, radii, states):
@@ -1170,7 +1239,7 @@ def _adam_spd_kernels_(params, grads, moments, anchors, scale, offset, value, be
         ))  # fmt: skip
     torch.autograd.graph.increment_version(params)
     _bump_moments(moments, amsgrad)
-    return torch.tensor(sums, dtype=statistics_dtype(params[0].dtype))
+    return torch.tensor(sums, dtype=statistics_dtype(params[0].dtype), device="cpu")
 
 
 def _ftp_displace_kernels(params, grads, anchors, displacements, inv_norms):
@@ -1199,7 +1268,7 @@ def _spd_sums_kernels(params, anchors, grads):
                           p.numel(), threads)[:2]
         for i, (p, a) in enumerate(zip(params, anchors, strict=True))
     ]  # fmt: skip
-    alignment, squares = torch.tensor(sums, dtype=statistics_dtype(params[0].dtype)).unbind(1)
+    alignment, squares = torch.tensor(sums, dtype=statistics_dtype(params[0].dtype), device="cpu").unbind(1)
     return (None if grads is None else alignment), squares
 
 

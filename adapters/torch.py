@@ -679,8 +679,7 @@ class _Fused(_Anchored):
             for bucket_params, bucket_grads in self._buckets(params, grads):
                 bucket_params, bucket_grads, states, shards = self._bucket_view(bucket_params, bucket_grads)
                 steps = [s["step"] for s in states]
-                torch._foreach_add_(steps, 1)
-                t = ops.steps_vector(steps, _compute_dtype(bucket_params[0].dtype))
+                t = ops.advance_steps_(steps, _compute_dtype(bucket_params[0].dtype))
                 self._step_bucket(group, bucket_params, bucket_grads, states, t, shards)
         return loss
 
@@ -1202,8 +1201,7 @@ class FTP(_Wrapper):
         # g is read after the base step, which must not change gradients in place (none of torch.optim does).
         for group, params, grads, states, shards in pending:
             steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1)
-            t = ops.steps_vector(steps, _compute_dtype(params[0].dtype))
+            t = ops.advance_steps_(steps, _compute_dtype(params[0].dtype))
             ops.ftp_after_step_(
                 params, grads, _anchor_list(group, states), states, t,
                 k=group["k"], scratch=self._scratch_for(params), shards=shards,

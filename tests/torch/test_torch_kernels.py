@@ -292,7 +292,8 @@ def count_calls(monkeypatch, kernels):
     class Spy:
         def __getattr__(self, name):
             def call(*args):
-                calls[name] += 1
+                if name != "scalars":  # the 0-d bookkeeping (step counts, radii): its own tests
+                    calls[name] += 1
                 return getattr(kernels, name)(*args)
 
             return call
@@ -528,3 +529,131 @@ def test_a_tensor_that_does_not_decay_keeps_its_step_exactly(path):
     torch.testing.assert_close(params[0], theta, rtol=0, atol=0, equal_nan=False)
     assert torch.signbit(params[0][1])
     torch.testing.assert_close(params[1], torch.tensor([2.0, 2.0, 2.0]), rtol=0, atol=0)
+
+
+SCALAR_DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("vector_dtype", SCALAR_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", SCALAR_DTYPES, ids=str)
+def test_0d_tensors_are_read_and_written_as_torch_would(kernels, dtype, vector_dtype):
+    """`Scalars` (radii, SPD's records) and `advance_steps_` in C give what stack, copy_ and add_ give."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(7, generator=gen, dtype=torch.float64) * 1e3
+    tensors = [torch.tensor(v, dtype=dtype) for v in values.tolist()]
+    expected = torch.stack(tensors).to(vector_dtype)
+    scalars = _torch_ops.Scalars(tensors)
+    assert scalars.taken is not None
+    assert torch.equal(scalars.read(vector_dtype), expected)
+    versions = [x._version for x in tensors]
+    new = torch.randn(7, generator=gen, dtype=torch.float64).to(vector_dtype)
+    scalars.write_(new)
+    assert torch.equal(torch.stack(tensors), new.to(dtype))  # float64 into float32: to nearest, as copy_
+    assert all(x._version > v for x, v in zip(tensors, versions, strict=True))  # autograd sees the write
+    flags = [torch.tensor(False) for _ in range(7)]
+    _torch_ops.Scalars(flags).write_(new > 0)
+    assert torch.equal(torch.stack(flags), new > 0)
+    steps = [torch.tensor(float(i), dtype=dtype) for i in range(7)]
+    t = _torch_ops.advance_steps_(steps, vector_dtype)
+    assert t.dtype == vector_dtype and torch.equal(t, torch.arange(1, 8, dtype=vector_dtype))
+    assert torch.equal(torch.stack(steps), torch.arange(1, 8, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype, start", [(torch.int32, 2**30), (torch.int64, 2**40)], ids=str)
+def test_integer_step_counts_advance_in_c(kernels, monkeypatch, dtype, start):
+    """Keras keeps its step counts as integer variables (int32 on the torch backend): they advance in C too, exactly."""
+    steps = [torch.tensor(start + i, dtype=dtype) for i in range(3)]
+    monkeypatch.setattr(torch, "_foreach_add_", None)  # a call would raise: the C path
+    t = _torch_ops.advance_steps_(steps, torch.float64)
+    assert torch.equal(torch.stack(steps), torch.tensor([start + 1, start + 2, start + 3], dtype=dtype))
+    assert torch.equal(t, torch.stack(steps).double())
+
+
+def test_0d_tensors_the_kernels_cannot_address_take_torch(kernels, monkeypatch):
+    """Another device, mixed dtypes or a tensor subclass: torch's ops, never an address."""
+    monkeypatch.setattr(_torch_ops._kernels, "scalars", None, raising=False)  # a call would raise
+    meta = [torch.zeros((), device="meta") for _ in range(3)]
+    assert _torch_ops.Scalars(meta).read(torch.float32).device.type == "meta"
+    mixed = [torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)]
+    assert _torch_ops.Scalars(mixed).taken is None
+    subclass = [torch.Tensor._make_subclass(type("Sub", (torch.Tensor,), {}), torch.tensor(1.0))]
+    assert _torch_ops.Scalars(subclass).taken is None
+    steps = [torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)]
+    assert torch.equal(
+        _torch_ops.advance_steps_(steps, torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64)
+    )
+
+
+def test_the_scalars_kernel_checks_its_arguments(kernels):
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="dtype codes"):
+        kernels.scalars(2, [x.data_ptr()], 0, x.data_ptr(), 0)
+    with pytest.raises(ValueError, match="mode must be"):
+        kernels.scalars(3, [x.data_ptr()], 0, x.data_ptr(), 2)  # bools do not advance
+    with pytest.raises(ValueError, match="address is 0"):
+        kernels.scalars(0, [x.data_ptr(), 0], 0, x.data_ptr(), 1)
+    assert torch.equal(x, torch.zeros(2))  # refused before anything was written
+    with pytest.raises(ValueError, match="vector's address"):
+        kernels.scalars(0, [x.data_ptr()], 0, 0, 0)
+    with pytest.raises(TypeError):
+        kernels.scalars(0, [1.5], 0, x.data_ptr(), 0)
+
+
+STEPPED = {
+    "SGDFTP": (SGDFTP, dict(lr=0.05, momentum=0.9)),
+    "AdamFTP": (AdamFTP, dict(lr=0.05)),
+    "AdamSPD": (AdamSPD, dict(lr=0.05, weight_decay=1.0)),
+    "FTP": (ftp_adamw, dict(lr=0.05)),
+    "SPD": (spd_adam, dict(lr=0.05, weight_decay=1.0)),
+}
+
+
+def scalar_calls(monkeypatch, kernels):
+    """The address lists of every `_kernels.scalars` call, the other kernels left as they are."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "scalars":
+                return lambda *args: calls.append(args[1]) or kernels.scalars(*args)
+            return getattr(kernels, name)
+
+    monkeypatch.setattr(_torch_ops, "_kernels", Spy())
+    return calls
+
+
+@pytest.mark.parametrize("case", list(STEPPED))
+def test_the_0d_state_of_a_step_takes_a_few_calls_whatever_the_tensor_count(case, kernels, monkeypatch):
+    """Step counts, radii and SPD's records are read and written in C a bucket at a time, not
+    once per tensor (a torch dispatch each: about 1 ms a step on 150 tensors)."""
+    make, options = STEPPED[case]
+    counted = []
+    for count in (2, 12):
+        calls = scalar_calls(monkeypatch, kernels)
+        run(make, dict(options), "init", torch.float32, steps=3, shapes=[(5, 3)] * count)
+        counted.append(len(calls))
+        assert all(len(addresses) >= count for addresses in calls)
+    assert counted[0] == counted[1] > 0
+
+
+@pytest.mark.parametrize("case", list(STEPPED))
+def test_a_step_inside_a_default_device_context_is_unchanged(case):
+    """``with torch.device(...)`` around a step of CPU tensors: the kernels' buffers stay on the CPU.
+
+    (They were made on the default device: under ``torch.device("meta")`` the kernels then wrote
+    through a meta tensor's address, 0, and the process died.)"""
+    make, options = STEPPED[case]
+
+    def stepped(context):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+        opt = make([{"params": params, "anchor": "init"}], **options)
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            with context() if t == 2 else contextlib.nullcontext():
+                opt.step()
+        return params, opt
+
+    got = stepped(lambda: torch.device("meta"))
+    assert_same_run(got, stepped(contextlib.nullcontext), torch.float64)
