@@ -1069,7 +1069,7 @@ class _Wrapper(_Anchored):
             entry = state_dict["state"].setdefault(index, {})
             entry["base"] = values
             # that first-step state is a template: loaded back, it must not count as a step taken
-            entry[_UNSTEPPED] = torch.tensor(index in fresh)
+            entry[_UNSTEPPED] = torch.tensor(index in fresh, device="cpu")
         return state_dict
 
     def _base_state_dict(self):

@@ -212,3 +212,23 @@ def test_a_fresh_state_dict_loaded_before_the_first_step_changes_nothing(kind):
         resume_steps(problem, params, opt, scheduler, 0, 6)
         runs.append(snapshot(params, opt))
     assert_bitwise_equal(*runs)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_a_state_dict_made_inside_a_default_device_context_loads(kind):
+    """``with torch.device("meta")`` (or "cuda") around ``state_dict()``: what it adds of its own
+    (a wrapper's per-tensor flag) is a CPU tensor, which the load can read."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = BUILDERS[kind]([w])
+    w.grad = torch.randn_like(w)
+    opt.step()
+    with torch.device("meta"):
+        state_dict = opt.state_dict()
+    fresh = BUILDERS[kind]([torch.nn.Parameter(w.detach().clone())])
+    fresh.load_state_dict(state_dict)
+    assert all(
+        value.device.type == "cpu"
+        for entry in fresh.state.values()
+        for value in entry.values()
+        if isinstance(value, torch.Tensor)
+    )
