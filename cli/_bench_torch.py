@@ -14,10 +14,20 @@ full-size reads and writes per value: fused AdamW reads θ, g, m, v and writes �
 fused SGD with momentum 5. AdamSPD needs 11 (one sweep updates the moments, writes
 θ̃ − θ₀ and takes ⟨g, θ − θ₀⟩, ‖θ − θ₀‖ and ‖θ̃ − θ₀‖; a second decays), AdamFTP 12 (the
 sweep also reads c_prev and writes c; the projection reads θ₀ and c and writes θ), SGDFTP
-10, ``FTP(AdamW(fused))`` 14 and ``SPD(Adam(fused))`` 15 where every tensor decays, 12 where
-none does (its decay pass is skipped then): here the gradient is the same at every step, Adam
-moves every tensor against it, and none decays. Each row's ``floor`` is its count over its
-baseline's: the ratio no implementation can beat.
+10, ``FTP(AdamW(fused))`` 15 (AdamW's 7; the sweep reads θ̃, g, θ₀ and c_prev and writes c; the
+projection) and ``SPD(Adam(fused))`` 15 where every tensor decays, 12 where none does (its decay
+pass is skipped then): here the gradient is the same at every step, Adam moves every tensor
+against it, and none decays. Each row's ``floor`` is its count over its baseline's: the least
+ratio of a step made of these two sweeps per tensor.
+
+**The traffic here.** A CPU core does not pay every pass alike. On a 2-core EPYC a pass that
+reads a tensor costs about 12 ms per ViT-B/16's 85.8M float32 values, writing back a tensor
+that the same sweep read costs about 1 ms more, and a streaming store (of a tensor that is not
+read) about 5 ms: one core's reads are what bounds it. ``traffic here`` weighs each step's
+passes (`LINES`: the full-size tensors it reads, writes back, and writes by streaming stores)
+by those three costs, measured on this machine before the steps (`line_costs`), over the
+baseline's: the ratio that this design's memory traffic alone takes here, where ``floor``
+counts every pass as one.
 
     python benchmarks/bench_torch.py            # the full ViT-B/16 shapes (about 6 GB of memory)
     python benchmarks/bench_torch.py --quick    # 2 blocks of width 256: a smoke check
@@ -60,11 +70,23 @@ PASSES = {
     "torch AdamW(foreach)": 7,
     "AdamSPD": 11,
     "AdamFTP": 12,
-    "FTP(AdamW(fused))": 14,
+    "FTP(AdamW(fused))": 15,
     "SPD(Adam(fused))": 12,  # no tensor decays here (a fixed gradient); 15 where all do
     "torch SGD(momentum=0.9, fused)": 5,
     "torch SGD(momentum=0.9, foreach)": 5,
     "SGDFTP": 10,
+}
+#: The full-size tensors each step moves on the CPU (the C kernels' passes): how many it reads, how
+#: many of those it writes back (written after the same sweep read them), and how many it writes by
+#: streaming stores without reading them (FTP's projection writes θ so).
+LINES = {
+    "torch AdamW(fused)": (4, 3, 0),  # reads θ, g, m, v; writes θ, m, v
+    "AdamSPD": (7, 4, 0),  # the sweep: θ, g, m, v, θ₀ (θ, m, v written); the decay: θ, θ₀ (θ)
+    "AdamFTP": (8, 3, 1),  # the sweep: θ, g, m, v, θ₀, c_prev (m, v, c); the projection: θ₀, c (θ streamed)
+    "FTP(AdamW(fused))": (10, 4, 1),  # AdamW; the sweep: θ̃, g, θ₀, c_prev (c); the projection
+    "SPD(Adam(fused))": (9, 3, 0),  # before: θ, g, θ₀; Adam; after: θ̃, θ₀ (no tensor decays here)
+    "torch SGD(momentum=0.9, fused)": (3, 2, 0),  # reads θ, g, b; writes θ, b
+    "SGDFTP": (7, 2, 1),  # the sweep: θ, g, b, θ₀, c_prev (b, c); the projection
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -186,6 +208,56 @@ def floor(name, builders):
     return PASSES[name] / PASSES[next(iter(builders))]
 
 
+def line_costs(shapes, device, repeats, dtype=torch.float32):
+    """``{"read", "write_back", "stream"}``: the seconds of one pass of each kind over tensors of
+    ``shapes`` on this machine, or ``None`` (not a CPU, or no C kernels: no streaming stores).
+
+    A read is ``torch.sum``; a write-back is ``mul_(1.0)`` (a read and its write) less a read;
+    a streaming store is FTP's projection of ``c`` with a zero anchor (``c`` read, ``θ`` written
+    by streaming stores where the tensor is large enough, as in a step) less a read. The three
+    are interleaved over ``repeats`` rounds; each is the median.
+    """
+    kernels = _torch_ops._kernels
+    if device.type != "cpu" or kernels is None or dtype not in _torch_ops._KERNEL_DTYPES:
+        return None
+    code, threads = _torch_ops._KERNEL_DTYPES[dtype], torch.get_num_threads()
+    stats = _torch_ops.statistics_dtype(dtype)
+    xs = [torch.randn(s).to(dtype) for s in shapes]
+    outs = [torch.empty_like(x) for x in xs]
+    rows = [torch.ones(_torch_ops._rows_cols(x)[0], dtype=stats) for x in xs]
+
+    def project():
+        for x, out, ones in zip(xs, outs, rows, strict=True):
+            addresses = (out.data_ptr(), 0, x.data_ptr(), ones.data_ptr(), ones.data_ptr())
+            kernels.ftp_project(code, *addresses, 1.0, 0.0, *_torch_ops._rows_cols(x), threads)
+
+    passes = {
+        "read": lambda: [x.sum() for x in xs],
+        "read_write": lambda: [x.mul_(1.0) for x in xs],
+        "stream": project,
+    }
+    times = {name: [] for name in passes}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, run_pass in passes.items():
+            start = time.perf_counter()
+            run_pass()
+            times[name].append(time.perf_counter() - start)
+    read, read_write, stream = (statistics.median(times[name][1:]) for name in passes)
+    return {"read": read, "write_back": max(read_write - read, 0.0), "stream": max(stream - read, 0.0)}
+
+
+def traffic(name, builders, costs):
+    """`LINES` of ``name`` at ``costs`` (`line_costs`) over its family's baseline's; ``None`` without them."""
+    if costs is None or name not in LINES:
+        return None
+
+    def seconds(lines):
+        reads, write_backs, streamed = lines
+        return reads * costs["read"] + write_backs * costs["write_back"] + streamed * costs["stream"]
+
+    return seconds(LINES[name]) / seconds(LINES[next(iter(builders))])
+
+
 # --- for `tether bench` ---------------------------------------------------------------------------------
 
 
@@ -195,6 +267,7 @@ def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 
     shapes = shapes_for(quick)
     repeats = repeats or (5 if quick else 9)
     n = sum(torch.Size(s).numel() for s in shapes)
+    costs = None if quick else line_costs(shapes, torch.device(device), repeats)  # quick: all in cache
     rows = []
     for builders in (ADAM, SGD):
         result = run(builders, shapes, torch.device(device), repeats, warmup)
@@ -214,6 +287,7 @@ def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 
                     "ratio_kind": "median of per-round ratios",
                     "foreach_ratio": None if "foreach" in name else foreach_ratio,
                     "floor": floor(name, builders),
+                    "traffic_ratio": traffic(name, builders, costs),
                     "state_bytes_per_param": nbytes / n,
                     "baseline_state_bytes_per_param": result[base][4] / n,
                     "cpu_ms": cpu_seconds * 1e3,
@@ -268,16 +342,25 @@ def main(argv=None):
         f"{torch.get_num_threads()} threads, median of {repeats} interleaved steps, "
         f"malloc {'steady (mallopt)' if steady else 'default'}, C kernels {kernels_state()}"
     )
+    costs = None if args.quick else line_costs(shapes, device, repeats, DTYPES[args.dtype])  # quick: in cache
+    if costs is not None:
+        print(
+            "one pass over every tensor: a read {read:.1f} ms, a write-back {write_back:.1f} ms, "
+            "a streaming store {stream:.1f} ms".format(**{k: v * 1e3 for k, v in costs.items()})
+        )
     print(
-        "| optimizer | wall (ms) | wall vs base | floor | vs foreach | CPU (ms) | CPU vs base | state (MiB) |"
+        "| optimizer | wall (ms) | wall vs base | floor | traffic here | vs foreach | CPU (ms) | CPU vs base "
+        "| state (MiB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for builders in (ADAM, SGD):
         result = run(builders, shapes, device, repeats, args.warmup, DTYPES[args.dtype])
         for name, (seconds, wall_ratio, cpu_seconds, cpu_ratio, nbytes, foreach_ratio) in result.items():
             versus_foreach = "" if "foreach" in name else f"{foreach_ratio:.2f}x"
+            here = traffic(name, builders, costs)
             print(
                 f"| {name} | {seconds * 1e3:.1f} | {wall_ratio:.2f}x | {floor(name, builders):.2f}x "
-                f"| {versus_foreach} | {cpu_seconds * 1e3:.1f} | {cpu_ratio:.2f}x | {nbytes / 2**20:.0f} |"
+                f"| {'' if here is None else f'{here:.2f}x'} | {versus_foreach} | {cpu_seconds * 1e3:.1f} "
+                f"| {cpu_ratio:.2f}x | {nbytes / 2**20:.0f} |"
             )
     return 0

@@ -40,6 +40,7 @@ COLUMNS = (
     ("baseline ms", "baseline_ms"),
     ("ratio", "ratio"),
     ("floor", "floor"),
+    ("traffic here", "traffic_ratio"),
     ("vs foreach", "foreach_ratio"),
     ("state B/param", "state_bytes_per_param"),
     ("baseline state B/param", "baseline_state_bytes_per_param"),
@@ -115,13 +116,14 @@ def format_table(rows):
                 _number(r.get("baseline_ms"), 1),
                 _ratio(r.get("ratio")),
                 _ratio(r.get("floor")),
+                _ratio(r.get("traffic_ratio")),
                 _ratio(r.get("foreach_ratio")),
                 _number(r.get("state_bytes_per_param"), 1),
                 _number(r.get("baseline_state_bytes_per_param"), 1),
             )
         )
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(COLUMNS))]
-    right = {"ms", "baseline ms", "ratio", "floor", "vs foreach", "state B/param", "baseline state B/param"}
+    right = {title for title, _ in COLUMNS[4:]}  # the numbers
     lines = [
         "  ".join(
             str(c).rjust(w) if title in right else str(c).ljust(w)
@@ -137,7 +139,8 @@ NOTES = (
     "ms: median time per step (torch, jax: the optimizer step alone; keras: a whole model.fit step).\n"
     "ratio: torch, the median over interleaved rounds of the per-round ratio; jax and keras, the ratio of "
     "the medians.\nfloor: the least ratio memory traffic allows (full-size reads and writes per value over the "
-    "baseline's); vs foreach: torch, the ratio to torch.optim's foreach implementation.\nstate B/param: the optimizer state's bytes divided by the number of parameters "
+    "baseline's); traffic here: torch on a CPU, the ratio the same passes take at this machine's measured costs "
+    "of a read, a write-back and a streaming store (not with --quick); vs foreach: torch, the ratio to torch.optim's foreach implementation.\nstate B/param: the optimizer state's bytes divided by the number of parameters "
     "(float32 parameters take 4)."
 )
 

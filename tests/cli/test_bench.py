@@ -94,6 +94,8 @@ def test_a_real_quick_torch_run(tmp_path):
     assert {r["baseline"] for r in rows} == {"torch AdamW(fused)", "torch SGD(momentum=0.9, fused)"}
     floors = {r["optimizer"]: r["floor"] for r in rows}
     assert floors["AdamSPD"] == pytest.approx(11 / 7) and floors["SGDFTP"] == pytest.approx(2.0)
+    # --quick: every tensor in cache, no traffic to weigh
+    assert all(r["traffic_ratio"] is None for r in rows)
     for r in rows:  # speeds are never asserted: only that they were measured
         assert r["backend"] == "torch" and r["device"] == "cpu"
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["ratio"] > 0
@@ -104,3 +106,37 @@ def test_a_real_quick_torch_run(tmp_path):
     assert {r["kernels"] for r in rows} == {kernels_state()}
     assert f"ran the C kernels: {kernels_state()}." in result.stdout
     assert "AdamSPD" in result.stdout
+
+
+def test_the_traffic_here_weighs_each_steps_passes_by_their_kind():
+    torch_bench = pytest.importorskip("tether._bench_torch")
+    adam, sgd = torch_bench.ADAM, torch_bench.SGD
+    for name, lines in torch_bench.LINES.items():  # the same passes as the floor's, sorted by kind
+        assert sum(lines) == torch_bench.PASSES[name], name
+    assert set(torch_bench.LINES) == {name for name in torch_bench.PASSES if "foreach" not in name}
+    reads_only = {"read": 2.0, "write_back": 0.0, "stream": 0.0}
+    assert torch_bench.traffic("AdamFTP", adam, reads_only) == pytest.approx(8 / 4)
+    assert torch_bench.traffic("SGDFTP", sgd, reads_only) == pytest.approx(7 / 3)
+    alike = {"read": 1.0, "write_back": 1.0, "stream": 1.0}  # every pass alike: the floor
+    for builders in (adam, sgd):
+        for name in builders:
+            if name in torch_bench.LINES:
+                floor = torch_bench.floor(name, builders)
+                assert torch_bench.traffic(name, builders, alike) == pytest.approx(floor)
+    assert torch_bench.traffic("torch AdamW(foreach)", adam, alike) is None
+    assert torch_bench.traffic("AdamFTP", adam, None) is None
+
+
+def test_the_costs_of_a_pass_are_measured_on_a_cpu_with_the_kernels(monkeypatch):
+    torch = pytest.importorskip("torch")
+    torch_bench = pytest.importorskip("tether._bench_torch")
+    from tether.adapters import _torch_ops
+
+    shapes = [(300, 400), (1000,)]
+    if _torch_ops._kernels is not None:
+        costs = torch_bench.line_costs(shapes, torch.device("cpu"), repeats=3)
+        assert set(costs) == {"read", "write_back", "stream"}
+        assert costs["read"] > 0 and costs["write_back"] >= 0 and costs["stream"] >= 0
+    assert torch_bench.line_costs(shapes, torch.device("meta"), repeats=3) is None
+    monkeypatch.setattr(_torch_ops, "_kernels", None)  # no streaming stores to time
+    assert torch_bench.line_costs(shapes, torch.device("cpu"), repeats=3) is None
