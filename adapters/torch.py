@@ -212,15 +212,16 @@ def _check_dtype(owner, name, p):
         raise TypeError(f"{owner}: parameter {name} has dtype {p.dtype}; expected a floating-point dtype")
 
 
-def _expected_shape(key, shape):
-    """The shape the state ``key`` of a parameter of ``shape`` must have, or ``None`` for a key not checked."""
-    if key in _FULL_KEYS:
-        return shape
-    if key == "prev_inv_norm":
-        return _rows_shape(shape)
-    if key in _SCALAR_KEYS:
-        return ()
-    return None
+@functools.lru_cache(maxsize=1024)
+def _expected_shapes(shape):
+    """``{key: shape}``: the shape each checked state key of a parameter of ``shape`` (a ``torch.Size``)
+    must have; a key not in it is not checked. Remembered: it is looked up at every step."""
+    scalar = torch.Size(())
+    return {
+        **dict.fromkeys(_FULL_KEYS, shape),
+        "prev_inv_norm": _rows_shape(shape),
+        **dict.fromkeys(_SCALAR_KEYS, scalar),
+    }
 
 
 @functools.lru_cache(maxsize=1024)
@@ -259,9 +260,10 @@ def _check_state(owner, name, p, state, *, device=True):
     dtensor = _dtensor_class()
     sharded = dtensor is not None and isinstance(p, dtensor)
     where = p.device
-    shape = p.shape
+    cpu = where.type == "cpu"
+    expected_shapes = _expected_shapes(p.shape)
     for key, value in state.items():
-        expected = _expected_shape(key, shape)
+        expected = expected_shapes.get(key)
         if expected is None:
             continue
         if not isinstance(value, torch.Tensor):
@@ -269,7 +271,8 @@ def _check_state(owner, name, p, state, *, device=True):
                 f"{owner}: the {key!r} of parameter {_named(name)} is a {type(value).__name__}, not a tensor"
             )
         wrong = value.shape != expected or (key == "anchor" and value.dtype != p.dtype)
-        if wrong or (device and value.device != where):
+        # `is_cpu` is a flag where `device` makes an object: this runs for every state tensor at every step
+        if wrong or (device and not (value.is_cpu if cpu else value.device == where)):
             raise ValueError(
                 f"{owner}: the {key!r} of parameter {_named(name)} is {tuple(value.shape)} {value.dtype}"
                 + (f" on {value.device}" if device else "")

@@ -325,6 +325,25 @@ def test_a_wrong_shaped_saved_tensor_names_the_parameter_and_key(kind, key, bad)
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_state_tensor_on_another_device_is_refused_before_the_step(kind):
+    """A state tensor moved off the parameter's device (here to "meta") is named at the next step,
+    and nothing has changed."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = _trained(kind, net)
+    state = opt.state[net.weight]
+    key = next(k for k in ("prev_displacement", "anchor") if k in state)
+    state[key] = state[key].to("meta")
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=rf"'{key}' of parameter 'weight' .* on meta"):
+        opt.step()
+    for p, q in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_untagged_state_dict_of_the_same_method_still_loads(kind):
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
