@@ -217,24 +217,19 @@ def line_costs(shapes, device, repeats, dtype=torch.float32):
     by streaming stores where the tensor is large enough, as in a step) less a read. The three
     are interleaved over ``repeats`` rounds; each is the median.
     """
-    kernels = _torch_ops._kernels
-    if device.type != "cpu" or kernels is None or dtype not in _torch_ops._KERNEL_DTYPES:
+    if device.type != "cpu" or _torch_ops._kernels is None or dtype not in _torch_ops._KERNEL_DTYPES:
         return None
-    code, threads = _torch_ops._KERNEL_DTYPES[dtype], torch.get_num_threads()
     stats = _torch_ops.statistics_dtype(dtype)
     xs = [torch.randn(s).to(dtype) for s in shapes]
     outs = [torch.empty_like(x) for x in xs]
-    rows = [torch.ones(_torch_ops._rows_cols(x)[0], dtype=stats) for x in xs]
-
-    def project():
-        for x, out, ones in zip(xs, outs, rows, strict=True):
-            addresses = (out.data_ptr(), 0, x.data_ptr(), ones.data_ptr(), ones.data_ptr())
-            kernels.ftp_project(code, *addresses, 1.0, 0.0, *_torch_ops._rows_cols(x), threads)
-
+    row_sums = [torch.ones(_torch_ops._rows_cols(x)[0], dtype=stats) for x in xs]
+    states = [{"prev_inv_norm": torch.empty_like(n)} for n in row_sums]
+    radii, anchors = torch.ones(len(xs), dtype=stats), [None] * len(xs)
     passes = {
         "read": lambda: [x.sum() for x in xs],
         "read_write": lambda: [x.mul_(1.0) for x in xs],
-        "stream": project,
+        # radius 1, row sums 1: θ ← c / (1 + 1e-8) (c in float32), as FTP's projection writes θ
+        "stream": lambda: _torch_ops._ftp_project_kernels_(outs, anchors, xs, row_sums, radii, states),
     }
     times = {name: [] for name in passes}
     for _ in range(repeats + 1):  # the first round warms up
