@@ -63,6 +63,11 @@
 #define STREAM_BYTES (4L << 20)
 /* Tensors with fewer values run on one thread: a parallel region costs more than they do. */
 #define PARALLEL_MIN (1L << 16)
+/* Rows of fewer values than this (and tensors of more than one row) take `sweep_narrow`: a row
+ * narrower than two vectors would run through the vector loop's scalar tail (LoRA's B, r wide). */
+#define NARROW 64
+/* Values per piece of `sweep_narrow`: its per-value terms stay in the stack, and in L1. */
+#define NARROW_VALUES 1024
 /* Values per span of `dot`: each span is summed by one thread, the spans' sums in order. */
 #define SPAN (1L << 14)
 /* The base step of a sweep: none (the wrappers' measures), Adam's or SGD's. */
@@ -804,6 +809,45 @@ static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_a
     out[0] = s0, out[1] = s1, out[2] = s2;
 }
 
+/* `sweep` over `rows` rows of `cols` (< NARROW) values from offset `o`, each row's sums into
+ * out[3 r ..]: SWEEP_ONE runs over whole rows at once, as one vector loop that keeps each value's
+ * terms, and each row's terms are then summed in order (in T, then joined in double as `sweep`'s
+ * are). Row by row, a row of 8 values would take 8 scalar square roots and divisions. */
+static inline __attribute__((always_inline)) void NAME(sweep_narrow)(
+    const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t rows, Py_ssize_t cols, double *out, const int base,
+    const int ftp, const int amsgrad, const int has_anchor, const int has_wd, const int has_g, const int small,
+    const int has_momentum, const int nesterov) {
+    S *restrict p = k->p + o, *restrict m = base == ADAM ? k->m + o : NULL;
+    S *restrict v = base == ADAM ? k->v + o : NULL, *restrict vm = amsgrad ? k->vm + o : NULL;
+    S *restrict c = ftp ? k->c + o : NULL, *restrict b = has_momentum ? k->b + o : NULL;
+    const S *restrict g = has_g ? k->g + o : NULL, *restrict a = has_anchor ? k->a + o : NULL;
+    const T w1 = k->w1, beta2 = k->beta2, w2 = k->w2, scale = k->scale, offset = k->offset;
+    const T value = k->value, lrwd = k->lrwd, lr = k->lr, momentum = k->momentum, coef = k->coef, wd = k->wd;
+    T e0[NARROW_VALUES], e1[NARROW_VALUES], e2[NARROW_VALUES];
+    const Py_ssize_t per = NARROW_VALUES / cols; /* whole rows per piece: more than 16 */
+    for (Py_ssize_t r = 0; r < rows; r += per) {
+        const Py_ssize_t taken = rows - r < per ? rows - r : per, start = r * cols, count = taken * cols;
+#pragma omp simd
+        for (Py_ssize_t q = 0; q < count; q++) {
+            const Py_ssize_t i = start + q;
+            T z0 = 0, z1 = 0, z2 = 0;
+            SWEEP_ONE(i, z0, z1, z2);
+            e0[q] = z0, e1[q] = z1;
+            if (!ftp) e2[q] = z2;
+        }
+        for (Py_ssize_t x = 0; x < taken; x++) {
+            const T *r0 = e0 + x * cols, *r1 = e1 + x * cols, *r2 = e2 + x * cols;
+            T t0 = 0, t1 = 0, t2 = 0;
+            for (Py_ssize_t j = 0; j < cols; j++) {
+                t0 += r0[j], t1 += r1[j];
+                if (!ftp) t2 += r2[j];
+            }
+            double *row = out + 3 * (r + x);
+            row[0] = t0, row[1] = t1, row[2] = t2;
+        }
+    }
+}
+
 #if defined(SWEEP_AVX2) && SWEEP_AVX2
 /* bfloat16 SGD-FTP's `sweep` (base SGD, ftp) over `count` values from offset `o` in AVX2, bit for bit
  * SWEEP_ONE's arithmetic and `sweep`'s sums (T over CHUNK values, then double), 16 values at a time;
@@ -897,13 +941,20 @@ AVX2 static void NAME(sgd_ftp_avx2)(const NAME(sweep_args) *k, Py_ssize_t o, Py_
  * F_SMALL: Adam's lerp weight 1 − β1 is below 0.5 (PyTorch's lerp takes one form or the other). */
 MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t rows,
                                          Py_ssize_t cols, double *out, int base, int flags) {
+    const int narrow = rows > 1 && cols > 0 && cols < NARROW;
 #define SWEEP_CASE(BASE, FLAGS)                                                                      \
     if (base == (BASE) && flags == (FLAGS)) {                                                         \
-        for (Py_ssize_t r = 0; r < rows; r++)                                                         \
-            NAME(sweep)(k, o + r * cols, cols, out + 3 * r, BASE, !!((FLAGS) & F_FTP),               \
-                        !!((FLAGS) & F_AMSGRAD), !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD),         \
-                        !!((FLAGS) & F_G), !!((FLAGS) & F_SMALL), !!((FLAGS) & F_MOMENTUM),          \
-                        !!((FLAGS) & F_NESTEROV));                                                    \
+        if (narrow)                                                                                   \
+            NAME(sweep_narrow)(k, o, rows, cols, out, BASE, !!((FLAGS) & F_FTP),                      \
+                               !!((FLAGS) & F_AMSGRAD), !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD),  \
+                               !!((FLAGS) & F_G), !!((FLAGS) & F_SMALL), !!((FLAGS) & F_MOMENTUM),   \
+                               !!((FLAGS) & F_NESTEROV));                                             \
+        else                                                                                          \
+            for (Py_ssize_t r = 0; r < rows; r++)                                                     \
+                NAME(sweep)(k, o + r * cols, cols, out + 3 * r, BASE, !!((FLAGS) & F_FTP),           \
+                            !!((FLAGS) & F_AMSGRAD), !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD),     \
+                            !!((FLAGS) & F_G), !!((FLAGS) & F_SMALL), !!((FLAGS) & F_MOMENTUM),      \
+                            !!((FLAGS) & F_NESTEROV));                                                \
         return;                                                                                       \
     }
     SWEEP_CASE(ADAM, F_FTP | F_ANCHOR | F_G | F_SMALL)                    /* AdamFTP */
@@ -915,6 +966,12 @@ MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o
     SWEEP_CASE(NONE, F_ANCHOR | F_G)                                      /* the SPD wrapper, before */
     SWEEP_CASE(NONE, F_ANCHOR)                                            /* the SPD wrapper, after */
 #undef SWEEP_CASE
+    if (narrow) {
+        NAME(sweep_narrow)(k, o, rows, cols, out, base, !!(flags & F_FTP), !!(flags & F_AMSGRAD),
+                           !!(flags & F_ANCHOR), !!(flags & F_WD), !!(flags & F_G), !!(flags & F_SMALL),
+                           !!(flags & F_MOMENTUM), !!(flags & F_NESTEROV));
+        return;
+    }
     for (Py_ssize_t r = 0; r < rows; r++)
         NAME(sweep)(k, o + r * cols, cols, out + 3 * r, base, !!(flags & F_FTP), !!(flags & F_AMSGRAD),
                     !!(flags & F_ANCHOR), !!(flags & F_WD), !!(flags & F_G), !!(flags & F_SMALL),
@@ -940,7 +997,7 @@ static int NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *d
     double *out = malloc(3 * rows * sizeof(double));
     if (!out) return -1;
 #if defined(SWEEP_AVX2) && SWEEP_AVX2
-    const int avx2 = base == SGD && bf16_avx2();
+    const int avx2 = base == SGD && bf16_avx2() && !(rows > 1 && cols < NARROW); /* narrow rows: `sweep_narrow` */
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
     for (Py_ssize_t r = 0; r < rows; r += block) {

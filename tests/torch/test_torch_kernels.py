@@ -16,8 +16,10 @@ from torch_helpers import assert_bfloat16_drift_within, float_tensors, require_k
 from tether.adapters import _torch_ops
 from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 
-#: A scalar, a vector, a matrix whose rows are not a multiple of 16 lanes, a conv kernel.
-SHAPES = [(), (37,), (33, 19), (6, 3, 5, 5)]
+#: A scalar, a vector, a matrix whose rows are not a multiple of 16 lanes (and narrower than the
+#: kernels' `NARROW`), a conv kernel, and LoRA's B: rows of 8 values, more than one piece of
+#: `sweep_narrow` (1024 values).
+SHAPES = [(), (37,), (33, 19), (6, 3, 5, 5), (300, 8)]
 SGD_OPTIONS = [
     dict(lr=0.05),
     dict(lr=0.05, momentum=0.9),
@@ -385,7 +387,7 @@ def test_other_tensors_keep_the_pytorch_path(case, monkeypatch, kernels):
 def test_threads_do_not_change_the_result(make, options):
     """Rows (FTP) or spans of values (SPD) are shared among threads; every sum over them is
     taken in order by one thread."""
-    shapes = [(300, 257), (70_000,)]  # large enough for a parallel region
+    shapes = [(300, 257), (70_000,), (9000, 8)]  # large enough for a parallel region
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
