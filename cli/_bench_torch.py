@@ -31,6 +31,7 @@ counts every pass as one.
 
     python benchmarks/bench_torch.py            # the full ViT-B/16 shapes (about 6 GB of memory)
     python benchmarks/bench_torch.py --quick    # 2 blocks of width 256: a smoke check
+    python benchmarks/bench_torch.py --model lora   # LoRA's adapters of a 7B decoder: 256 tensors, rows of 8
     python benchmarks/bench_torch.py --threads 1 --dtype float64
     python benchmarks/bench_torch.py --device cuda
 
@@ -132,8 +133,23 @@ def vit_shapes(depth=12, width=768, mlp=3072, patch=16, tokens=197):
     return [*shapes, (width,), (width,)]
 
 
-def shapes_for(quick):
-    return vit_shapes(depth=2, width=256, mlp=1024) if quick else vit_shapes()
+def lora_shapes(layers=32, width=4096, rank=8, targets=4):
+    """The adapters of LoRA at rank ``rank`` (PEFT's default, 8) on the q, k, v and o projections of
+    a LLaMA-7B-sized decoder: each target's A ``(rank, width)`` and B ``(width, rank)``, as PEFT's
+    ``lora_A`` and ``lora_B`` weights (B's rows, MARS's rows, are ``rank`` values wide)."""
+    return [(rank, width), (width, rank)] * (layers * targets)
+
+
+#: ``--model``: the parameter shapes, full size and under ``--quick``.
+MODELS = {
+    "vit-b16": (vit_shapes, dict(depth=2, width=256, mlp=1024)),
+    "lora": (lora_shapes, dict(layers=2, width=256, rank=8)),
+}
+
+
+def shapes_for(quick, model="vit-b16"):
+    make, small = MODELS[model]
+    return make(**small) if quick else make()
 
 
 def make_params(shapes, grads, device):
@@ -301,11 +317,20 @@ def measure(quick: bool, device: str, repeats: int | None = None, warmup: int = 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 blocks of width 256 (a smoke check)")
+    ap.add_argument(
+        "--quick", action="store_true", help="small shapes: 2 blocks (layers) of width 256 (a smoke check)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per optimizer")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the parameters and state")
+    ap.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="vit-b16",
+        help="the parameters: a ViT-B/16 backbone, or LoRA's adapters (rank 8 on q, k, v, o) of a "
+        "LLaMA-7B-sized decoder (256 tensors, 8.4M values, B's rows 8 values wide)",
+    )
     ap.add_argument(
         "--default-malloc",
         action="store_true",
@@ -329,11 +354,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shapes = shapes_for(args.quick)
+    shapes = shapes_for(args.quick, args.model)
     repeats = args.repeats or (5 if args.quick else 9)
     n = sum(torch.Size(s).numel() for s in shapes)
     print(
-        f"{len(shapes)} tensors, {n / 1e6:.1f}M parameters, {args.dtype}, {device}, torch {torch.__version__}, "
+        f"{args.model}: {len(shapes)} tensors, {n / 1e6:.1f}M parameters, {args.dtype}, {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, median of {repeats} interleaved steps, "
         f"malloc {'steady (mallopt)' if steady else 'default'}, C kernels {kernels_state()}"
     )

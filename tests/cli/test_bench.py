@@ -1,8 +1,10 @@
 """`tether bench`: the table, --json, skipped backends, crashes, usage errors, and a real torch run."""
 
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +108,30 @@ def test_a_real_quick_torch_run(tmp_path):
     assert {r["kernels"] for r in rows} == {kernels_state()}
     assert f"ran the C kernels: {kernels_state()}." in result.stdout
     assert "AdamSPD" in result.stdout
+
+
+def test_the_lora_model_is_peft_s_adapters_of_a_7b_decoder():
+    torch = pytest.importorskip("torch")
+    from tether._bench_torch import lora_shapes, shapes_for
+
+    lora_a = torch.nn.Linear(4096, 8, bias=False).weight  # PEFT's lora_A: the input to rank 8
+    lora_b = torch.nn.Linear(8, 4096, bias=False).weight  # lora_B: rank 8 to the output
+    shapes = lora_shapes()
+    assert shapes[:2] == [tuple(lora_a.shape), tuple(lora_b.shape)]
+    assert len(shapes) == 32 * 4 * 2 and set(shapes) == set(shapes[:2])  # q, k, v, o of 32 layers
+    assert sum(math.prod(s) for s in shapes) == 256 * 8 * 4096
+    assert shapes_for(True, "lora") == lora_shapes(layers=2, width=256, rank=8)
+    assert shapes_for(False) == shapes_for(False, "vit-b16")
+
+
+def test_the_script_measures_the_lora_model():
+    pytest.importorskip("torch")
+    script = Path(__file__).parents[2] / "benchmarks" / "bench_torch.py"
+    cmd = [sys.executable, str(script), "--quick", "--model", "lora", "--repeats", "1", "--warmup", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("lora: 16 tensors, 0.0M parameters")
+    assert "| AdamFTP |" in result.stdout and "| SGDFTP |" in result.stdout
 
 
 def test_the_traffic_here_weighs_each_steps_passes_by_their_kind():

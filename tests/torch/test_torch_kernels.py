@@ -18,7 +18,7 @@ from tether.adapters.torch import FTP, SGDFTP, SPD, AdamFTP, AdamSPD
 
 #: A scalar, a vector, a matrix whose rows are not a multiple of 16 lanes (and narrower than the
 #: kernels' `NARROW`), a conv kernel, and LoRA's B: rows of 8 values, more than one piece of
-#: `sweep_narrow` (1024 values).
+#: `sweep_narrow` (256 values).
 SHAPES = [(), (37,), (33, 19), (6, 3, 5, 5), (300, 8)]
 SGD_OPTIONS = [
     dict(lr=0.05),
