@@ -156,7 +156,7 @@ def test_bfloat16_tracks_float32_as_the_multi_tensor_path_does(case, path, monke
     """bfloat16 on the CPU: the kernels (and, for a bucket they do not take, the single pass in
     PyTorch) drift from the float32 run no more than the multi-tensor path that bfloat16 took before."""
     make, options = BFLOAT16[case]
-    shapes = [(), (37,), (33, 300), (6, 3, 5, 5)]
+    shapes = [(), (37,), (33, 300), (6, 3, 5, 5), (300, 8)]
     layout = None
     if path == "single pass" and make in (ftp_adamw, spd_adam):
         # torch 2.13's fused CPU Adam(W) reads a strided gradient in memory order (0.1 off at lr 0.05)
@@ -216,12 +216,15 @@ def test_bfloat16_is_computed_in_float32_and_stored_rounded_to_nearest_even(kern
     ids=["plain", "momentum", "weight-decay", "nesterov"],
 )
 @pytest.mark.parametrize("anchored", [True, False], ids=["anchor", "zero-anchor"])
-def test_the_bfloat16_sgd_ftp_sweep_is_float32_arithmetic_rounded_once(kernels, options, anchored):
+@pytest.mark.parametrize("rows, cols", [(5, 1037), (300, 8)], ids=["wide", "narrow"])
+def test_the_bfloat16_sgd_ftp_sweep_is_float32_arithmetic_rounded_once(
+    kernels, options, anchored, rows, cols
+):
     """SGD-FTP's bfloat16 sweep (AVX2 where the CPU has it) stores, bit for bit, SGD's float32
     arithmetic rounded once (momentum buffer, ``c``); ``MARS(c)`` is of ``c`` as stored and ``∇γ``
-    is ``Σ_r s_r ⟨c_prev, g⟩_r``. Rows of 1037 values end off the 16-value vectors."""
+    is ``Σ_r s_r ⟨c_prev, g⟩_r``. Rows of 1037 values end off the 16-value vectors; rows of 8
+    take `sweep_narrow`."""
     gen = torch.Generator().manual_seed(1)
-    rows, cols = 5, 1037
     p, g, b, a, c_prev = (torch.randn(rows, cols, generator=gen).bfloat16() for _ in range(5))
     s, n = torch.rand(rows, generator=gen) + 0.5, torch.empty(rows)
     dots = torch.empty(rows, dtype=torch.float64)
