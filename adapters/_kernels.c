@@ -784,6 +784,17 @@ typedef struct {
         }                                                                                             \
     } while (0)
 
+/* The arrays of `k` from offset `o` and its scalars, under the names SWEEP_ONE reads (the
+ * flags base, ftp, amsgrad, has_anchor, has_g and has_momentum in scope). */
+#define SWEEP_LOCALS(k, o)                                                                                  \
+    S *restrict p = (k)->p + (o), *restrict m = base == ADAM ? (k)->m + (o) : NULL;                         \
+    S *restrict v = base == ADAM ? (k)->v + (o) : NULL, *restrict vm = amsgrad ? (k)->vm + (o) : NULL;      \
+    S *restrict c = ftp ? (k)->c + (o) : NULL, *restrict b = has_momentum ? (k)->b + (o) : NULL;            \
+    const S *restrict g = has_g ? (k)->g + (o) : NULL, *restrict a = has_anchor ? (k)->a + (o) : NULL;      \
+    const T w1 = (k)->w1, beta2 = (k)->beta2, w2 = (k)->w2, scale = (k)->scale, offset = (k)->offset;      \
+    const T value = (k)->value, lrwd = (k)->lrwd, lr = (k)->lr, momentum = (k)->momentum;                 \
+    const T coef = (k)->coef, wd = (k)->wd
+
 /* `count` contiguous values from offset `o` through SWEEP_ONE; the three sums into out[], each
  * summed in T over CHUNK values at a time (in the vector lanes `omp simd` makes), those sums
  * joined in double: a float32 row of any length is summed about as accurately as PyTorch's
@@ -794,12 +805,7 @@ static inline __attribute__((always_inline)) void NAME(sweep)(const NAME(sweep_a
                                                                const int has_anchor, const int has_wd,
                                                                const int has_g, const int small,
                                                                const int has_momentum, const int nesterov) {
-    S *restrict p = k->p + o, *restrict m = base == ADAM ? k->m + o : NULL;
-    S *restrict v = base == ADAM ? k->v + o : NULL, *restrict vm = amsgrad ? k->vm + o : NULL;
-    S *restrict c = ftp ? k->c + o : NULL, *restrict b = has_momentum ? k->b + o : NULL;
-    const S *restrict g = has_g ? k->g + o : NULL, *restrict a = has_anchor ? k->a + o : NULL;
-    const T w1 = k->w1, beta2 = k->beta2, w2 = k->w2, scale = k->scale, offset = k->offset;
-    const T value = k->value, lrwd = k->lrwd, lr = k->lr, momentum = k->momentum, coef = k->coef, wd = k->wd;
+    SWEEP_LOCALS(k, o);
     double s0 = 0, s1 = 0, s2 = 0;
     for (Py_ssize_t j = 0; j < count; j += CHUNK) {
         const Py_ssize_t end = count - j > CHUNK ? j + CHUNK : count;
@@ -819,12 +825,7 @@ static inline __attribute__((always_inline)) void NAME(sweep_narrow)(
     const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t rows, Py_ssize_t cols, double *out, const int base,
     const int ftp, const int amsgrad, const int has_anchor, const int has_wd, const int has_g, const int small,
     const int has_momentum, const int nesterov) {
-    S *restrict p = k->p + o, *restrict m = base == ADAM ? k->m + o : NULL;
-    S *restrict v = base == ADAM ? k->v + o : NULL, *restrict vm = amsgrad ? k->vm + o : NULL;
-    S *restrict c = ftp ? k->c + o : NULL, *restrict b = has_momentum ? k->b + o : NULL;
-    const S *restrict g = has_g ? k->g + o : NULL, *restrict a = has_anchor ? k->a + o : NULL;
-    const T w1 = k->w1, beta2 = k->beta2, w2 = k->w2, scale = k->scale, offset = k->offset;
-    const T value = k->value, lrwd = k->lrwd, lr = k->lr, momentum = k->momentum, coef = k->coef, wd = k->wd;
+    SWEEP_LOCALS(k, o);
     T e0[NARROW_VALUES], e1[NARROW_VALUES], e2[NARROW_VALUES];
     const Py_ssize_t per = NARROW_VALUES / cols; /* whole rows per piece: at least 8 */
     for (Py_ssize_t r = 0; r < rows; r += per) {
@@ -1057,6 +1058,7 @@ MULTIVERSION static void NAME(spd_decay)(S *p, const S *a, double keep_, double 
 }
 
 #undef SWEEP_ONE
+#undef SWEEP_LOCALS
 /* the instantiation's parameters, for the next one */
 #undef S
 #undef T
