@@ -70,6 +70,8 @@
 /* Values per piece of `sweep_narrow`: its per-value terms stay in the stack, and in L1 (256 values
  * sweep 1.2x faster than 1,024). */
 #define NARROW_VALUES 256
+/* Whether a block of `rows` rows of `cols` values takes `sweep_narrow`. */
+static inline int narrow_rows(Py_ssize_t rows, Py_ssize_t cols) { return rows > 1 && cols > 0 && cols < NARROW; }
 /* Values per span of `dot`: each span is summed by one thread, the spans' sums in order. */
 #define SPAN (1L << 14)
 /* The base step of a sweep: none (the wrappers' measures), Adam's or SGD's. */
@@ -944,9 +946,10 @@ AVX2 static void NAME(sgd_ftp_avx2)(const NAME(sweep_args) *k, Py_ssize_t o, Py_
  * F_SMALL: Adam's lerp weight 1 − β1 is below 0.5 (PyTorch's lerp takes one form or the other). */
 MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o, Py_ssize_t rows,
                                          Py_ssize_t cols, double *out, int base, int flags) {
-    const int narrow = rows > 1 && cols > 0 && cols < NARROW;
-#define SWEEP_CASE(BASE, FLAGS)                                                                      \
-    if (base == (BASE) && flags == (FLAGS)) {                                                         \
+    const int narrow = narrow_rows(rows, cols);
+/* the block through `sweep_narrow`, or row by row through `sweep`, BASE and FLAGS taken as constants */
+#define SWEEP_BLOCK(BASE, FLAGS)                                                                      \
+    do {                                                                                              \
         if (narrow)                                                                                   \
             NAME(sweep_narrow)(k, o, rows, cols, out, BASE, !!((FLAGS) & F_FTP),                      \
                                !!((FLAGS) & F_AMSGRAD), !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD),  \
@@ -958,6 +961,10 @@ MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o
                             !!((FLAGS) & F_AMSGRAD), !!((FLAGS) & F_ANCHOR), !!((FLAGS) & F_WD),     \
                             !!((FLAGS) & F_G), !!((FLAGS) & F_SMALL), !!((FLAGS) & F_MOMENTUM),      \
                             !!((FLAGS) & F_NESTEROV));                                                \
+    } while (0)
+#define SWEEP_CASE(BASE, FLAGS)                                                                      \
+    if (base == (BASE) && flags == (FLAGS)) {                                                         \
+        SWEEP_BLOCK(BASE, FLAGS);                                                                     \
         return;                                                                                       \
     }
     SWEEP_CASE(ADAM, F_FTP | F_ANCHOR | F_G | F_SMALL)                    /* AdamFTP */
@@ -969,16 +976,8 @@ MULTIVERSION static void NAME(sweep_any)(const NAME(sweep_args) *k, Py_ssize_t o
     SWEEP_CASE(NONE, F_ANCHOR | F_G)                                      /* the SPD wrapper, before */
     SWEEP_CASE(NONE, F_ANCHOR)                                            /* the SPD wrapper, after */
 #undef SWEEP_CASE
-    if (narrow) {
-        NAME(sweep_narrow)(k, o, rows, cols, out, base, !!(flags & F_FTP), !!(flags & F_AMSGRAD),
-                           !!(flags & F_ANCHOR), !!(flags & F_WD), !!(flags & F_G), !!(flags & F_SMALL),
-                           !!(flags & F_MOMENTUM), !!(flags & F_NESTEROV));
-        return;
-    }
-    for (Py_ssize_t r = 0; r < rows; r++)
-        NAME(sweep)(k, o + r * cols, cols, out + 3 * r, base, !!(flags & F_FTP), !!(flags & F_AMSGRAD),
-                    !!(flags & F_ANCHOR), !!(flags & F_WD), !!(flags & F_G), !!(flags & F_SMALL),
-                    !!(flags & F_MOMENTUM), !!(flags & F_NESTEROV));
+    SWEEP_BLOCK(base, flags); /* the rest, general */
+#undef SWEEP_BLOCK
 }
 
 /* The flags of a sweep over the arrays in `k`. */
@@ -1000,7 +999,7 @@ static int NAME(ftp_rows)(const NAME(sweep_args) *k, const T *s, T *n, double *d
     double *out = malloc(3 * rows * sizeof(double));
     if (!out) return -1;
 #if defined(SWEEP_AVX2) && SWEEP_AVX2
-    const int avx2 = base == SGD && bf16_avx2() && !(rows > 1 && cols < NARROW); /* narrow rows: `sweep_narrow` */
+    const int avx2 = base == SGD && bf16_avx2() && !narrow_rows(rows, cols); /* narrow: `sweep_narrow` */
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
     for (Py_ssize_t r = 0; r < rows; r += block) {
