@@ -148,6 +148,7 @@ MODELS = {
 
 
 def shapes_for(quick, model="vit-b16"):
+    """The parameter shapes of ``model`` (a key of `MODELS`), small under ``quick``."""
     make, small = MODELS[model]
     return make(**small) if quick else make()
 
